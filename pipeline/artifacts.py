@@ -1,0 +1,100 @@
+"""Artifact helpers: atomic writes, fingerprints, completion records and stage manifests.
+
+Layout of a stage folder ``<run>/<stage>/``::
+
+    config.yaml          resolved config of the whole pipeline at the time the stage ran
+    _done/<shard>.json   completion record of one shard (written after its outputs)
+    manifest.json        written last, once every shard is done; downstream stages read only this
+    ...                  the stage's outputs, named by input identity
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+DONE_DIR = "_done"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    Nothing is ever visible under the final name until it is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Atomically write JSON (sorted keys, indented)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write a text file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def file_fingerprint(*paths: str | Path) -> str:
+    """Cheap identity of input files: path, size and modification time (ns)."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def done_path(stage_dir: Path, shard: str) -> Path:
+    """Where the completion record of ``shard`` lives."""
+    return stage_dir / DONE_DIR / f"{shard}.json"
+
+
+def read_manifest(stage_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
+    """Read a stage manifest, with a clear error if the stage has not finished."""
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        name = stage or Path(stage_dir).name
+        raise FileNotFoundError(
+            f"{name}: no manifest at {path}; run `python -m pipeline {name}` first"
+        )
+    return read_json(path)
+
+
+def git_sha() -> str:
+    """Commit of the code that produced an artifact ('' outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""

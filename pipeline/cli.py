@@ -1,0 +1,205 @@
+"""One command line for every stage: ``python -m pipeline <command> --config configs/<name>.yaml``.
+
+``main(argv)`` is callable in-process (tests do), returns an exit code, and prints one clear line
+for configuration and input errors instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.runner import STAGE_MODULES, StageError, run_stage, stage_status
+
+log = logging.getLogger("pipeline")
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+RUN_ORDER = ["prep", "embed", "cluster", "assign", "train", "ensemble"]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default %(default)s)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set cluster.num_fine=1024 (repeatable)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="redo shards made with another config/inputs")
+    p.add_argument("--shards", default=None, metavar="LO:HI", help="only run shards [LO, HI) of the listing")
+    p.add_argument("--workers", type=int, default=None, help="process-pool size (default run.workers)")
+    p.add_argument(
+        "--launcher",
+        choices=["local", "torchrun", "slurm"],
+        default=None,
+        help="override launcher.kind (slurm submits a submitit job array)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo-data", help="generate the embedded demo dataset")
+    _common(p)
+    for name, help_text in [
+        ("prep", "captions + pair ids → Parquet"),
+        ("embed", "caption features (sentence-transformers)"),
+        ("cluster", "fine balanced k-means, coarse experts"),
+        ("assign", "nearest fine centre for every pair"),
+        ("ensemble", "evaluate experts, route, report"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        _common(p)
+        _stage_args(p)
+    p = sub.add_parser("train", help="train the seed model or a data expert")
+    _common(p)
+    p.add_argument("--expert", default="0", help="expert index, 'seed' or 'all' (default 0)")
+    p.add_argument("--resume", default="latest", help="'latest' (default), 'none' or a checkpoint path")
+    p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default=None)
+    p = sub.add_parser("run", help="every stage in order, skipping finished work")
+    _common(p)
+    p.add_argument("--until", choices=RUN_ORDER, default="ensemble", help="last stage to run")
+    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("status", help="what is done, counts, what is stale")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _parse_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--shards {text}: expected LO:HI") from None
+    return lo, hi
+
+
+def cmd_demo_data(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Generate the demo data set (idempotent)."""
+    from pipeline.demo_data import generate_demo_data
+
+    d = cfg.demo_data
+    summary = generate_demo_data(
+        Path(d.out),
+        num_pairs=d.num_pairs,
+        image_size=d.image_size,
+        pairs_per_shard=d.pairs_per_shard,
+        eval_per_class=d.eval_per_class,
+        retrieval_pairs=d.retrieval_pairs,
+        seed=cfg.run.seed,
+        workers=cfg.run.workers,
+        domains=tuple(d.domains),
+        progress=not args.quiet,
+    )
+    print(f"demo data: {summary.get('num_pairs', d.num_pairs)} pairs in {d.out}")
+    return 0
+
+
+def cmd_stage(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Run one sharded/global stage with the configured launcher."""
+    kind = args.launcher or cfg.launcher.kind
+    if kind == "slurm":
+        from pipeline.launch import submit_stage
+
+        submit_stage(cfg, args.command, force=args.force)
+        return 0
+    summary = run_stage(
+        cfg,
+        args.command,
+        force=args.force,
+        shard_range=_parse_range(args.shards),
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    if summary["ran"] == 0 and "manifest" in summary:
+        print(f"{args.command}: nothing to do ({summary['skipped']} shard(s) already done)")
+    else:
+        print(f"{args.command}: ran {summary['ran']} shard(s), skipped {summary['skipped']}")
+    return 0
+
+
+def cmd_train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Train in this process (one rank); DDP runs go through ``torchrun -m training.main``."""
+    from training.main import train_experts
+
+    kind = args.launcher or cfg.launcher.kind
+    if kind == "slurm":
+        from pipeline.launch import submit_train
+
+        submit_train(cfg, args.expert, args.config, args.overrides)
+        return 0
+    train_experts(cfg, args.expert, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Every stage in order up to ``--until``; finished work is skipped."""
+    for stage in RUN_ORDER[: RUN_ORDER.index(args.until) + 1]:
+        if stage == "train":
+            from training.main import train_experts
+
+            train_experts(cfg, "seed", resume="latest", progress=not args.quiet)
+            train_experts(cfg, "all", resume="latest", progress=not args.quiet)
+            continue
+        run_stage(cfg, stage, force=args.force, progress=not args.quiet)
+    return 0
+
+
+def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Print per-stage progress from the completion records."""
+    rows = [stage_status(cfg, name) for name in STAGE_MODULES]
+    try:
+        from training.main import training_status
+
+        rows[-1:-1] = training_status(cfg)
+    except ImportError:
+        pass
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"run: {cfg.run_dir}")
+    for row in rows:
+        done = row.get("shards_done")
+        progress = f"{done}/{row['shards_total']}" if done is not None else ""
+        extra = f"  stale={row['stale']}" if row.get("stale") else ""
+        counts = row.get("counts") or {}
+        out = f"  out={counts['out']}" if "out" in counts else ""
+        detail = f"  {row['detail']}" if row.get("detail") else ""
+        print(f"  {row['stage']:<12} {row['state']:<12} {progress:>9}{out}{extra}{detail}")
+    return 0
+
+
+COMMANDS = {
+    "demo-data": cmd_demo_data,
+    "train": cmd_train,
+    "run": cmd_run,
+    "status": cmd_status,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if getattr(args, "launcher", None):
+            cfg.launcher.kind = args.launcher
+        handler = COMMANDS.get(args.command, cmd_stage)
+        return handler(cfg, args)
+    except (ConfigError, StageError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

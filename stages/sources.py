@@ -1,0 +1,88 @@
+"""Expanding ``data.train`` into input shards.
+
+Forms accepted (several joined with ``::``):
+
+* ``dir/{00000..00331}.tar``: brace-expanded flat shard list;
+* ``root/{0..200000}.tar`` in MoDE's sharded-folder layout, where shard ``i`` lives at
+  ``root/<i % 100>/<i>.tar`` (used when ``data.layout`` is ``mode``, or ``auto`` and the flat file
+  is missing);
+* a folder: every ``*.tar`` below it, sorted;
+* ``file.csv`` / ``file.tsv``: one shard of ``filepath,caption`` rows (paths relative to the CSV).
+
+Missing shards are not an error here (MoDE ranges often have gaps); they are reported by count.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+
+_NUMERIC_TAR = re.compile(r"^(\d+)\.tar$")
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """One input file and the name its outputs are given."""
+
+    name: str
+    path: str
+    kind: str  # "tar" | "csv"
+    source: int
+
+
+def _mode_path(flat: Path) -> Path:
+    match = _NUMERIC_TAR.match(flat.name)
+    if not match:
+        return flat
+    idx = int(match.group(1))
+    return flat.parent / str(idx % 100) / flat.name
+
+
+def _shard_name(source: int, path: Path, root: Path) -> str:
+    """Output name of a shard: its path below the source root, plus the source index."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        rel = Path(path.name)
+    stem = str(rel.with_suffix("")).replace("/", "_").replace("\\", "_")
+    return f"s{source}_{stem}"
+
+
+def _expand_one(spec: str, source: int, layout: str) -> tuple[list[InputShard], int]:
+    spec = spec.strip()
+    p = Path(spec)
+    if p.suffix.lower() in (".csv", ".tsv"):
+        if not p.is_file():
+            raise FileNotFoundError(f"data.train: CSV source {spec} does not exist")
+        return [InputShard(_shard_name(source, p, p.parent), str(p), "csv", source)], 0
+    if p.is_dir():
+        tars = sorted(p.rglob("*.tar"))
+        return [InputShard(_shard_name(source, t, p), str(t), "tar", source) for t in tars], 0
+    shards, missing = [], 0
+    root = Path(spec.split("{", 1)[0].rsplit("/", 1)[0] or ".") if "{" in spec else p.parent
+    for item in braceexpand.braceexpand(spec):
+        flat = Path(item)
+        path = flat
+        if layout == "mode" or (layout == "auto" and not flat.exists()):
+            path = _mode_path(flat)
+        if not path.exists():
+            missing += 1
+            continue
+        shards.append(InputShard(_shard_name(source, flat, root), str(path), "tar", source))
+    return shards, missing
+
+
+def expand_sources(train: str, layout: str = "auto") -> tuple[list[InputShard], int]:
+    """All input shards of ``data.train`` and the number of listed-but-missing shard files."""
+    shards: list[InputShard] = []
+    missing = 0
+    for source, spec in enumerate(s for s in train.split("::") if s.strip()):
+        found, miss = _expand_one(spec, source, layout)
+        shards += found
+        missing += miss
+    if not shards:
+        raise FileNotFoundError(f"data.train: no input shards found for '{train}'")
+    return shards, missing
