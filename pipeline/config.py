@@ -344,6 +344,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         (item,) = typing.get_args(tp)
         return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "5e-4" (no dot) as a string; accept any float literal.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

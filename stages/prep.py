@@ -175,11 +175,12 @@ def _caption_from_json(obj: Any, cfg: PipelineConfig, key: str) -> str | None:
         value = obj.get(field_name)
         if isinstance(value, str):
             return value
-        if isinstance(value, list):
+        if isinstance(value, list) and any(isinstance(t, str) for t in value):
             texts = [t for t in value if isinstance(t, str) and t.strip()]
-            if texts:
-                # Seeded by (seed, key): the same caption whatever the order shards run in.
-                return random.Random(f"{cfg.run.seed}:{key}").choice(texts)
+            if not texts:
+                return ""
+            # Seeded by (seed, key): the same caption whatever the order shards run in.
+            return random.Random(f"{cfg.run.seed}:{key}").choice(texts)
     return None
 
 
