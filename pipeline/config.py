@@ -92,7 +92,8 @@ class PrepConfig:
     """JSON fields holding the caption: a string, or a list from which one is drawn (seeded)."""
     image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     verify_images: Literal["none", "header", "decode"] = "header"
-    """How hard to check images: ``header`` opens the file with PIL; ``decode`` decodes it fully."""
+    """How hard to check images: ``header`` checks the file signature (and a JPEG's end marker)
+    without decoding; ``decode`` decodes every image with PIL (slower); ``none`` only non-empty."""
     csv_separator: str = ","
     csv_img_key: str = "filepath"
     csv_caption_key: str = "caption"

@@ -23,8 +23,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import random
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,22 +179,30 @@ def _caption_from_json(obj: Any, cfg: PipelineConfig, key: str) -> str | None:
             texts = [t for t in value if isinstance(t, str) and t.strip()]
             if not texts:
                 return ""
-            # Seeded by (seed, key): the same caption whatever the order shards run in.
-            return random.Random(f"{cfg.run.seed}:{key}").choice(texts)
+            # Seeded by (seed, key): the same caption whatever order shards run in.
+            return texts[zlib.crc32(f"{cfg.run.seed}:{key}".encode()) % len(texts)]
     return None
 
 
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
 def _image_ok(data: bytes, mode: str) -> bool:
+    """``none``: non-empty; ``header``: a known image signature (and a JPEG end marker, which
+    catches truncated JPEGs) without decoding; ``decode``: PIL decodes the whole image."""
     if mode == "none":
         return bool(data)
+    if mode == "header":
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return True
+        if not data.startswith(_SIGNATURES):
+            return False
+        return not data.startswith(b"\xff\xd8") or b"\xff\xd9" in data[-64:]
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if mode == "decode":
-                img.load()
-            else:
-                img.verify()
+            img.load()
         return True
     except Exception:  # noqa: BLE001 - PIL raises many types for bad files
         return False
