@@ -94,6 +94,8 @@ class PrepConfig:
     verify_images: Literal["none", "header", "decode"] = "header"
     """How hard to check images: ``header`` checks the file signature (and a JPEG's end marker)
     without decoding; ``decode`` decodes every image with PIL (slower); ``none`` only non-empty."""
+    label_field: str = ""
+    """Optional JSON field kept as a ``label`` column for diagnostics (e.g. cluster purity)."""
     csv_separator: str = ","
     csv_img_key: str = "filepath"
     csv_caption_key: str = "caption"

@@ -4,7 +4,8 @@ Outputs in ``<run>/prep/``:
 
 * ``captions/<shard>.parquet``: one file per input shard with columns ``pair_id`` (int64),
   ``shard`` (str), ``key`` (member key), ``caption`` (str), ``source`` (int16, index of the
-  ``::``-joined source).
+  ``::``-joined source), plus ``label`` when ``prep.label_field`` names a JSON field to keep for
+  diagnostics (the demo keeps ``domain``, so cluster purity can be measured).
 * ``shards.parquet``: the pair-id index, one row per shard: ``shard``, ``path``, ``kind``,
   ``source``, ``offset``, ``count``. Pair ``i`` lives in the last shard with ``offset <= i``; its
   member is the ``key`` column of that shard's caption file.
@@ -80,19 +81,21 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
     skipped: Counter = Counter()
     reader = _read_csv if src.kind == "csv" else _read_tar
     rows = list(reader(cfg, src, skipped))
+    columns = {
+        "pair_id": pa.array([-1] * len(rows), pa.int64()),
+        "shard": pa.array([shard.name] * len(rows), pa.string()),
+        "key": pa.array([r[0] for r in rows], pa.string()),
+        "caption": pa.array([r[1] for r in rows], pa.string()),
+        "source": pa.array([src.source] * len(rows), pa.int16()),
+    }
+    schema = SCHEMA
+    if cfg.prep.label_field:
+        columns["label"] = pa.array([r[2] for r in rows], pa.string())
+        schema = SCHEMA.append(pa.field("label", pa.string()))
     seen = len(rows) + sum(v for k, v in skipped.items() if k not in ("corrupt_tar", "empty_shard"))
     if not rows and not skipped:
         skipped["empty_shard"] += 1
-    table = pa.table(
-        {
-            "pair_id": pa.array([-1] * len(rows), pa.int64()),
-            "shard": pa.array([shard.name] * len(rows), pa.string()),
-            "key": pa.array([r[0] for r in rows], pa.string()),
-            "caption": pa.array([r[1] for r in rows], pa.string()),
-            "source": pa.array([src.source] * len(rows), pa.int16()),
-        },
-        schema=SCHEMA,
-    )
+    table = pa.table(columns, schema=schema)
     with artifacts.atomic_path(caption_path(stage_dir, shard.name)) as tmp:
         pq.write_table(table, tmp)
     return {"in": seen, "out": len(rows), "skipped": dict(skipped)}
@@ -126,7 +129,7 @@ def _member_groups(path: str, skipped: Counter) -> Iterator[tuple[str, dict[str,
         yield current, group
 
 
-def _read_tar(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterator[tuple[str, str]]:
+def _read_tar(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterator[tuple[str, str, str | None]]:
     for key, group in _member_groups(src.path, skipped):
         caption = _caption_from_group(cfg, key, group, skipped)
         if caption is None:
@@ -138,7 +141,18 @@ def _read_tar(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterato
         if not _image_ok(group[image_ext], cfg.prep.verify_images):
             skipped["bad_image"] += 1
             continue
-        yield key, caption
+        yield key, caption, _label(group, cfg.prep.label_field)
+
+
+def _label(group: dict[str, bytes], field_name: str) -> str | None:
+    """Optional diagnostic label from the JSON member (e.g. the demo's ``domain``)."""
+    if not field_name or "json" not in group:
+        return None
+    try:
+        value = json.loads(group["json"]).get(field_name)
+    except (ValueError, AttributeError):
+        return None
+    return None if value is None else str(value)
 
 
 def _caption_from_group(cfg, key: str, group: dict[str, bytes], skipped: Counter) -> str | None:
@@ -211,7 +225,7 @@ def _image_ok(data: bytes, mode: str) -> bool:
 # --------------------------------------------------------------------------- CSV reading
 
 
-def _read_csv(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterator[tuple[str, str]]:
+def _read_csv(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterator[tuple[str, str, None]]:
     base = Path(src.path).parent
     sep = "\t" if src.path.endswith(".tsv") and cfg.prep.csv_separator == "," else cfg.prep.csv_separator
     try:
@@ -230,7 +244,7 @@ def _read_csv(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterato
         for row_idx, row in enumerate(reader):
             item = _csv_row(cfg, row, base, skipped)
             if item is not None:
-                yield str(row_idx), item
+                yield str(row_idx), item, None
 
 
 def _csv_row(cfg, row: dict, base: Path, skipped: Counter) -> str | None:

@@ -1,0 +1,138 @@
+"""``assign`` stage: nearest fine centre for every pair (MoDE ``prep_inference.py``), exact.
+
+One output per embed shard, ``<run>/assign/assign/<shard>.parquet`` with columns ``pair_id``
+int64, ``key`` str, ``fine`` int32, ``coarse`` int16 (via the fine→coarse map) and ``dist``
+float32 (L2 distance between the normalised feature and its fine centre for ``euclidean``,
+``1 - cos`` for ``cosine``). Memory is bounded by ``assign.chunk_size`` rows at a time; time is
+linear in the number of pairs. The manifest records expert sizes and, when prep kept a label
+column (``prep.label_field``), the purity of experts with respect to it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import artifacts
+from pipeline.config import PipelineConfig, to_jsonable
+from pipeline.runner import Shard
+from stages import kmeans
+from stages.cluster import embed_outputs, load_centers, resolve_device
+
+SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.int64()),
+        ("key", pa.string()),
+        ("fine", pa.int32()),
+        ("coarse", pa.int16()),
+        ("dist", pa.float32()),
+    ]
+)
+
+
+def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Assignment depends on its own backend settings only through the centres (exact search)."""
+    return {"metric": cfg.cluster.metric, "num_fine": cfg.cluster.num_fine, "num_experts": cfg.cluster.num_experts}
+
+
+def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
+    """One shard per feature file; the fingerprint covers the features and the centres."""
+    _, files = embed_outputs(cfg)
+    cdir = cfg.run_dir / "cluster"
+    artifacts.read_manifest(cdir, "cluster")
+    centres = [cdir / "fine_centers.pth", cdir / "coarse.pth"]
+    return [Shard(f.stem, artifacts.file_fingerprint(f, *centres), {"features": str(f)}) for f in files]
+
+
+def output_path(stage_dir: Path, shard: str) -> Path:
+    """Assignment Parquet of one shard."""
+    return stage_dir / "assign" / f"{shard}.parquet"
+
+
+def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
+    """Assign one shard's pairs to their nearest fine centre."""
+    fine, _, fine_to_coarse, _ = load_centers(cfg)
+    feats = torch.from_numpy(np.load(shard.inputs["features"]).astype(np.float32))
+    feats = torch.nn.functional.normalize(feats, dim=1)
+    captions = pq.read_table(cfg.run_dir / "prep" / "captions" / f"{shard.name}.parquet", columns=["pair_id", "key"])
+    if captions.num_rows != feats.shape[0]:
+        raise ValueError(f"{shard.name}: {feats.shape[0]} feature rows but {captions.num_rows} captions")
+    device = resolve_device(cfg.assign.device)
+    if len(feats):
+        ids, dist = kmeans.assign_nearest(
+            feats, fine, metric=cfg.cluster.metric, chunk_size=cfg.assign.chunk_size,
+            backend=cfg.assign.backend, device=device,
+        )
+    else:
+        ids, dist = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    table = pa.table(
+        {
+            "pair_id": captions.column("pair_id"),
+            "key": captions.column("key"),
+            "fine": pa.array(ids.numpy().astype(np.int32)),
+            "coarse": pa.array(fine_to_coarse[ids].numpy().astype(np.int16)),
+            "dist": pa.array(dist.numpy().astype(np.float32)),
+        },
+        schema=SCHEMA,
+    )
+    with artifacts.atomic_path(output_path(stage_dir, shard.name)) as tmp:
+        pq.write_table(table, tmp)
+    return {"in": feats.shape[0], "out": table.num_rows, "skipped": {}}
+
+
+def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[str, Any]:
+    """Expert and fine-cluster sizes over all pairs (and purity against prep labels, if any)."""
+    shards = list_shards(cfg, stage_dir)
+    k, e = cfg.cluster.num_fine, cfg.cluster.num_experts
+    fine_sizes, expert_sizes = np.zeros(k, np.int64), np.zeros(e, np.int64)
+    label_counts: Counter = Counter()
+    for shard in shards:
+        table = pq.read_table(output_path(stage_dir, shard.name), columns=["fine", "coarse"])
+        fine_sizes += np.bincount(table.column("fine").to_numpy(), minlength=k)
+        coarse = table.column("coarse").to_numpy()
+        expert_sizes += np.bincount(coarse, minlength=e)
+        labels = _labels(cfg, shard.name)
+        if labels is not None:
+            label_counts.update(zip(coarse.tolist(), labels, strict=True))
+    extra: dict[str, Any] = {}
+    if label_counts:
+        extra["purity"] = _purity(label_counts, e)
+    nz = fine_sizes[fine_sizes > 0]
+    return {
+        "outputs": [str(output_path(stage_dir, s.name).relative_to(stage_dir)) for s in shards],
+        "num_experts": e,
+        "num_fine": k,
+        "expert_sizes": expert_sizes.tolist(),
+        "fine_size_min": int(fine_sizes.min()),
+        "fine_size_max": int(fine_sizes.max()),
+        "fine_max_over_min_nonempty": float(nz.max() / nz.min()) if len(nz) else 0.0,
+        "config_used": to_jsonable(cfg.assign),
+        **extra,
+    }
+
+
+def _labels(cfg: PipelineConfig, shard: str) -> list[str] | None:
+    path = cfg.run_dir / "prep" / "captions" / f"{shard}.parquet"
+    if "label" not in pq.read_schema(path).names:
+        return None
+    return pq.read_table(path, columns=["label"]).column("label").to_pylist()
+
+
+def _purity(counts: Counter, num_experts: int) -> dict[str, Any]:
+    """Share of pairs whose expert's majority label is their own label, plus the majorities."""
+    per_expert: dict[int, Counter] = {i: Counter() for i in range(num_experts)}
+    for (expert, label), n in counts.items():
+        per_expert[expert][label] += n
+    total = sum(counts.values())
+    majority = {i: c.most_common(1)[0] for i, c in per_expert.items() if c}
+    return {
+        "overall": sum(n for _, n in majority.values()) / total,
+        "majority_label": {str(i): lab for i, (lab, _) in majority.items()},
+        "per_expert": {str(i): n / sum(per_expert[i].values()) for i, (_, n) in majority.items()},
+    }
