@@ -23,7 +23,8 @@ from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.runner import Shard
 from stages import kmeans
-from stages.cluster import embed_outputs, load_centers, resolve_device
+from pipeline.distributed import resolve_device
+from stages.cluster import embed_outputs, load_centers
 
 SCHEMA = pa.schema(
     [
@@ -136,3 +137,11 @@ def _purity(counts: Counter, num_experts: int) -> dict[str, Any]:
         "majority_label": {str(i): lab for i, (lab, _) in majority.items()},
         "per_expert": {str(i): n / sum(per_expert[i].values()) for i, (_, n) in majority.items()},
     }
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pipeline.distributed import torchrun_stage
+
+    sys.exit(torchrun_stage("assign"))

@@ -26,15 +26,9 @@ import torch
 
 from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
+from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
 from stages import kmeans
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → the first CUDA device when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
