@@ -1,6 +1,7 @@
 """Typed, validated pipeline configuration.
 
-A run is described by one YAML file in ``configs/`` whose top-level keys are the sections below
+A run is described by one YAML file in ``configs/`` (optionally ``extends: other.yaml`` to start
+from another file and override a few keys) whose top-level keys are the sections below
 (``run``, ``demo_data``, ``data``, ``prep``, ``embed``, ``cluster``, ``assign``, ``train``, ``loss``,
 ``ensemble``, ``launcher``). Every section is a keyword-only dataclass; unknown keys, wrong types and
 bad values raise :class:`ConfigError` with the dotted key in the message. Command-line overrides use
@@ -394,14 +395,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file; ``extends: other.yaml`` (relative to this file) is loaded first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    parent = data.pop("extends", None)
+    if parent:
+        data = _deep_merge(read_yaml(path.parent / parent, (*_seen, path.resolve())), data)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) if path is not None else {}
     apply_overrides(data, overrides or [])
     return from_dict(PipelineConfig, data)
 

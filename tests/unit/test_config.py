@@ -49,3 +49,13 @@ def test_hash_and_diff():
     assert config_hash(a.prep) != config_hash(b.prep)
     assert config_hash(a.embed) == config_hash(b.embed)
     assert diff_keys(to_dict(a), to_dict(b)) == ["prep.verify_images"]
+
+
+def test_extends_merges_sections(tmp_path):
+    (tmp_path / "base.yaml").write_text("run: {name: base, seed: 3}\ncluster: {num_fine: 16}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nrun: {name: child}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.run.name, cfg.run.seed, cfg.cluster.num_fine) == ("child", 3, 16)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
