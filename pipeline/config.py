@@ -464,3 +464,39 @@ def diff_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> lis
         elif a != b:
             changed.append(path)
     return changed
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field) of a dataclass."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def config_reference() -> str:
+    """Markdown reference of every section and key with defaults (``python -m pipeline.config``)."""
+    lines = []
+    root = PipelineConfig()
+    for section in dataclasses.fields(PipelineConfig):
+        obj = getattr(root, section.name)
+        doc = (type(obj).__doc__ or "").strip().split("\n")[0]
+        lines += [f"### `{section.name}` — {doc}", "", "| key | default | meaning |", "|---|---|---|"]
+        docs = _field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            shown = "(section)" if dataclasses.is_dataclass(value) else json.dumps(to_jsonable(value))
+            lines.append(f"| `{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference())
