@@ -104,7 +104,7 @@ def cmd_demo_data(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         domains=tuple(d.domains),
         progress=not args.quiet,
     )
-    print(f"demo data: {summary.get('num_pairs', d.num_pairs)} pairs in {d.out}")
+    print(f"demo data: {summary['train']['num_pairs']} pairs in {d.out}")
     return 0
 
 
