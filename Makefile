@@ -45,9 +45,11 @@ prep: $(STAMP)  ## captions + pair ids → Parquet
 embed: $(STAMP)  ## caption features
 	$(CLI) embed $(ARGS)
 
-cluster: $(STAMP)  ## fine + coarse clustering, then assignment of every pair
+cluster: $(STAMP)  ## fine + coarse clustering, then assignment of every pair (slurm: cluster only)
 	$(CLI) cluster $(ARGS)
+ifneq ($(LAUNCHER),slurm)
 	$(CLI) assign $(ARGS)
+endif
 
 assign: $(STAMP)  ## assignment only
 	$(CLI) assign $(ARGS)

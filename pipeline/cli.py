@@ -114,7 +114,7 @@ def cmd_stage(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     if kind == "slurm":
         from pipeline.launch import submit_stage
 
-        submit_stage(cfg, args.command, force=args.force)
+        submit_stage(cfg, args.command, force=args.force, config_path=args.config)
         return 0
     summary = run_stage(
         cfg,
@@ -133,20 +133,25 @@ def cmd_stage(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def cmd_train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """Train in this process (one rank); DDP runs go through ``torchrun -m training.main``."""
-    from training.main import train_experts
-
     kind = args.launcher or cfg.launcher.kind
     if kind == "slurm":
         from pipeline.launch import submit_train
 
-        submit_train(cfg, args.expert, args.config, args.overrides)
+        submit_train(cfg, args.expert, args.config, args.overrides, resume=args.resume)
         return 0
+    from training.main import train_experts
+
     train_experts(cfg, args.expert, resume=args.resume, progress=not args.quiet)
     return 0
 
 
 def cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """Every stage in order up to ``--until``; finished work is skipped."""
+    if cfg.launcher.kind == "slurm":
+        raise StageError(
+            "run: launcher.kind is slurm; submit stages one by one (make prep LAUNCHER=slurm, ...), "
+            "see docs/cluster.md, or pass --launcher local"
+        )
     for stage in RUN_ORDER[: RUN_ORDER.index(args.until) + 1]:
         if stage == "train":
             from training.main import train_experts

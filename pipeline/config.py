@@ -192,8 +192,13 @@ class TrainConfig:
     ooc_ratio: float = 0.02
     """Fraction of out-of-cluster pairs mixed into an expert's data (MoDE default 0.02)."""
     workers: int = 2
-    """Data-loader worker processes per rank."""
+    """Data-loader worker processes per rank (0 = decode in the training process)."""
     shuffle_buffer: int = 1000
+    """Pairs per shuffle window of the data stream (pairs are shuffled inside consecutive windows)."""
+    data_split: Literal["auto", "shards", "samples"] = "auto"
+    """How ranks x workers share the data: ``shards`` (each reader owns whole shards), ``samples``
+    (global batches cut by position: same batches for any number of ranks/workers, every reader
+    scans every shard) or ``auto`` (``shards`` when there are at least ranks x workers shards)."""
     save_every: int = 100
     keep_last: int = 2
     log_every: int = 20
@@ -213,6 +218,13 @@ class TrainConfig:
             raise ConfigError(f"train.seed_steps: {self.seed_steps} not in [0, train.steps]")
         if not 0.0 <= self.ooc_ratio <= 1.0:
             raise ConfigError(f"train.ooc_ratio: {self.ooc_ratio} not in [0, 1]")
+        for name in ("workers", "warmup", "eval_every", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.teacher and ":" not in self.teacher:
+            raise ConfigError(f"train.teacher: expected '<model>:<checkpoint path>', got '{self.teacher}'")
+        if self.init_from_teacher and not self.teacher:
+            raise ConfigError("train.init_from_teacher: needs train.teacher")
 
 
 @dataclass(kw_only=True)
@@ -227,24 +239,59 @@ class EnsembleConfig:
     smooth_weight: list[float] = field(default_factory=lambda: [5.0, 8.0])
     too_many_class: int = 200
     paper_lambda: float = 0.2
+    retrieval_image_routing: Literal["corpus", "captions"] = "corpus"
+    """Image queries (image→text) are routed by the whole caption corpus (paper Eq. 7) or by the
+    image's own captions (uses the ground-truth pairing; optimistic)."""
     batch_size: int = 256
     device: str = "auto"
 
 
 @dataclass(kw_only=True)
 class SlurmConfig:
-    """sbatch parameters used when ``launcher.kind == 'slurm'``."""
+    """sbatch parameters used when ``launcher.kind == 'slurm'`` (see docs/cluster.md)."""
 
     partition: str = ""
+    """GPU partition (``--partition``; empty = the cluster default)."""
     account: str = ""
+    """``--account`` (empty = none)."""
     time_min: int = 240
+    """Time limit of a training job in minutes; jobs that hit it are requeued and resume."""
     nodes: int = 1
+    """Nodes per training job (each runs ``gpus_per_node`` DDP tasks)."""
     gpus_per_node: int = 8
+    """GPUs (= DDP tasks) per training node; data stages use 1 GPU per task."""
     cpus_per_task: int = 10
     mem_gb: int = 0
+    """``--mem`` per node in GB (0 = the cluster default)."""
     array_parallelism: int = 64
+    """At most this many array tasks run at once (``--array=0-N%P``)."""
     shards_per_job: int = 16
+    """Unfinished shards per array task of prep/embed/assign."""
     extra_sbatch: list[str] = field(default_factory=list)
+    """Extra sbatch options, e.g. ``["--exclusive", "--mail-type=END"]``."""
+    cpu_partition: str = ""
+    """Partition of the CPU-only prep array (empty = ``partition``)."""
+    qos: str = ""
+    """``--qos`` (empty = none)."""
+    constraint: str = ""
+    """``--constraint``, e.g. ``a100`` (empty = none)."""
+    stage_time_min: int = 0
+    """Time limit of data-stage jobs (prep/embed/cluster/assign/ensemble) in minutes; 0 = ``time_min``."""
+    max_requeue: int = 3
+    """Requeues allowed after hitting the time limit (preemptions always requeue)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the sbatch script before the job, e.g. ``source /path/venv/bin/activate``."""
+    max_array_size: int = 1000
+    """Largest array submitted at once (SLURM's ``MaxArraySize``); bigger ones are split."""
+
+    def __post_init__(self) -> None:
+        positive = ("time_min", "nodes", "gpus_per_node", "cpus_per_task", "array_parallelism")
+        for name in (*positive, "shards_per_job", "max_array_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"launcher.slurm.{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("mem_gb", "stage_time_min", "max_requeue"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"launcher.slurm.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
@@ -255,7 +302,10 @@ class LauncherConfig:
     nproc_per_node: int = 1
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     folder: str = ""
-    """submitit log folder (default ``<run>/_slurm``)."""
+    """submitit log folder; each stage logs to ``<folder>/<stage>`` (default ``<run>/_slurm``)."""
+    dry_run: bool = False
+    """With ``kind: slurm``: print the sbatch scripts instead of submitting (automatic when there
+    is no ``sbatch`` on PATH)."""
 
 
 @dataclass(kw_only=True)
@@ -483,19 +533,29 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 def config_reference() -> str:
     """Markdown reference of every section and key with defaults (``python -m pipeline.config``)."""
-    lines = []
+    lines: list[str] = []
     root = PipelineConfig()
     for section in dataclasses.fields(PipelineConfig):
-        obj = getattr(root, section.name)
-        doc = (type(obj).__doc__ or "").strip().split("\n")[0]
-        lines += [f"### `{section.name}` — {doc}", "", "| key | default | meaning |", "|---|---|---|"]
-        docs = _field_docs(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            shown = "(section)" if dataclasses.is_dataclass(value) else json.dumps(to_jsonable(value))
-            lines.append(f"| `{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
-        lines.append("")
+        _section_reference(section.name, getattr(root, section.name), lines)
     return "\n".join(lines)
+
+
+def _section_reference(name: str, obj: Any, lines: list[str]) -> None:
+    doc = (type(obj).__doc__ or "").strip().split("\n")[0]
+    lines += [f"### `{name}` — {doc}", "", "| key | default | meaning |", "|---|---|---|"]
+    docs = _field_docs(type(obj))
+    nested = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            nested.append((f"{name}.{f.name}", value))
+            lines.append(f"| `{f.name}` | (section `{name}.{f.name}`) | {docs.get(f.name, '')} |")
+            continue
+        shown = json.dumps(to_jsonable(value))
+        lines.append(f"| `{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
+    lines.append("")
+    for sub_name, sub in nested:
+        _section_reference(sub_name, sub, lines)
 
 
 if __name__ == "__main__":
