@@ -133,9 +133,13 @@ class ClusterConfig:
     num_experts: int = 4
     metric: Literal["euclidean", "cosine"] = "euclidean"
     balanced: bool = True
-    balance_slack: float = 0.05
-    """Fine cluster sizes stay <= ceil(N/K * (1 + balance_slack)) while fitting."""
+    balance_slack: float = 0.1
+    """While fitting, every fine cluster size stays within [floor(N/K (1 - slack)),
+    ceil(N/K (1 + slack))] (so max/min <= (1 + slack) / (1 - slack))."""
     coarse_balanced: bool = False
+    """Balanced coarse step too (MoDE: balanced fit, greedy map; here the map follows the fit)."""
+    coarse_n_init: int = 10
+    """Restarts of the coarse k-means; the lowest inertia wins."""
     sample_fraction: float = 1.0
     """Fraction of pairs used to fit the fine centres (MoDE: ~0.25)."""
     sample_size: int = 0

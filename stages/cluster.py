@@ -89,7 +89,8 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
             balance_slack=c.balance_slack, progress=True,
         )
     coarse_centers, fine_to_coarse = kmeans.coarse_cluster(
-        fine.centers, c.num_experts, balanced=c.coarse_balanced, metric=c.metric, seed=cfg.run.seed
+        fine.centers, c.num_experts, balanced=c.coarse_balanced, metric=c.metric, seed=cfg.run.seed,
+        n_init=c.coarse_n_init, balance_slack=c.balance_slack,
     )
     _save(stage_dir, fine, coarse_centers, fine_to_coarse, ids)
     stats = _fit_stats(fine, fine_to_coarse, c.num_experts, len(ids))
