@@ -1,0 +1,310 @@
+"""``embed`` stage: caption Parquet → caption features, one ``.npy`` per prep shard.
+
+Outputs in ``<run>/embed/``:
+
+* ``features/<shard>.npy``: ``[n, dim]`` float16 (or float32, ``embed.dtype``); row ``i`` is the
+  caption in row ``i`` of ``<run>/prep/captions/<shard>.parquet``, so pair ids align.
+* ``manifest.json``: ``model``, ``model_path``, ``dim``, ``normalize`` (whether rows are unit-norm),
+  ``dtype``, ``pooling``, ``precision``, ``max_seq_length``, ``outputs`` (in prep order), ``num_pairs``,
+  ``empty_captions``, ``truncated``.
+
+Empty captions still get a row (the embedding of ``""``) and are counted; captions longer than the
+model's token limit are cut and counted. Device and batch size are runtime choices, not part of the
+config hash: they do not change what the features mean.
+
+Multi-GPU (or multi-process CPU)::
+
+    torchrun --nproc_per_node=N -m stages.embed --config configs/demo.yaml [--set k=v ...]
+
+Each rank takes every N-th shard on ``cuda:<local_rank>`` (CPU when there is no GPU); after a
+barrier rank 0 writes the manifest. The features do not depend on N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import multiprocessing
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import artifacts
+from pipeline.config import ConfigError, PipelineConfig, load_config, to_jsonable
+from pipeline.runner import Shard, StageError, run_stage
+from stages import text_encoder
+from stages.text_encoder import DEVICE_ENV
+
+log = logging.getLogger("pipeline")
+
+PROGRESS_ENV = "MODE_EMBED_PROGRESS"
+"""``1``/``0`` forces the per-shard captions/s bar on/off (default: on a terminal, in-process only)."""
+_RUNTIME_KEYS = ("device", "batch_size")
+"""Embed settings that do not change the features' meaning, so are kept out of the config hash."""
+_threads_configured = False
+
+
+# --------------------------------------------------------------------------- stage contract
+
+
+def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    """The embed section minus runtime choices (device, batch size), keyed like ``--set embed.*``."""
+    section = to_jsonable(cfg.embed)
+    return {"embed": {k: v for k, v in section.items() if k not in _RUNTIME_KEYS}}
+
+
+def prep_dir(cfg: PipelineConfig) -> Path:
+    """``<run>/prep``: where the caption files come from."""
+    return cfg.run_dir / "prep"
+
+
+def features_path(stage_dir: Path, shard: str) -> Path:
+    """Feature file of one shard."""
+    return stage_dir / "features" / f"{shard}.npy"
+
+
+def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
+    """One shard per caption file of the prep manifest, fingerprinted by that file.
+
+    Raises:
+        FileNotFoundError: prep has not finished, or the embed model is not on this machine.
+    """
+    text_encoder.resolve_model_path(cfg.embed.model)  # fail before any work, with one line
+    pdir = prep_dir(cfg)
+    manifest = artifacts.read_manifest(pdir, "prep")
+    shards = []
+    for rel in manifest["outputs"]:
+        path = pdir / rel
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"embed: prep output {path} is missing; rerun `python -m pipeline prep --force`"
+            )
+        shards.append(Shard(Path(rel).stem, artifacts.file_fingerprint(path), {"captions": str(path)}))
+    return shards
+
+
+def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
+    """Embed one caption file into ``features/<shard>.npy``; return counts and model facts."""
+    captions = pq.read_table(shard.inputs["captions"], columns=["caption"]).column("caption").to_pylist()
+    texts = ["" if c is None else c for c in captions]
+    empty = sum(1 for t in texts if not t.strip())
+    encoder = _encoder(cfg)
+    result = encoder.encode(
+        texts,
+        batch_size=cfg.embed.batch_size,
+        precision=cfg.embed.precision,
+        normalize=cfg.embed.normalize,
+        max_length=cfg.embed.max_seq_length,
+        progress=_progress(),
+        desc=f"embed {shard.name}",
+    )
+    with artifacts.atomic_path(features_path(stage_dir, shard.name)) as tmp, open(tmp, "wb") as fh:
+        # A file handle, not a name: np.save would append ".npy" to the temporary name.
+        np.save(fh, result.features.astype(cfg.embed.dtype, copy=False))
+    return {
+        "in": len(texts),
+        "out": len(texts),
+        "skipped": {},
+        "empty_caption": empty,
+        "truncated": result.truncated,
+        "dim": encoder.dim,
+        "normalized": bool(cfg.embed.normalize or encoder.normalizes),
+        "max_seq_length": encoder.effective_max_length(cfg.embed.max_seq_length),
+        "precision": text_encoder.resolve_precision(cfg.embed.precision, encoder.device),
+        "device": str(encoder.device),
+    }
+
+
+def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[str, Any]:
+    """Check the feature files against prep and return the manifest fields."""
+    pmanifest = artifacts.read_manifest(prep_dir(cfg), "prep")
+    names = [Path(rel).stem for rel in pmanifest["outputs"]]
+    by_shard = {r["shard"]: r for r in records}
+    dims = {int(r["dim"]) for r in records}
+    if len(dims) > 1:
+        raise StageError(f"embed: shards have different feature sizes {sorted(dims)}; rerun with --force")
+    dim = dims.pop() if dims else text_encoder.load_text_model(cfg.embed.model, pooling=cfg.embed.pooling).dim
+    total = 0
+    for name in names:
+        shape = np.load(features_path(stage_dir, name), mmap_mode="r").shape
+        if shape != (by_shard[name]["out"], dim):
+            raise StageError(
+                f"embed: {name}.npy has shape {shape}, expected ({by_shard[name]['out']}, {dim})"
+            )
+        total += shape[0]
+    if total != pmanifest.get("num_pairs", total):
+        raise StageError(
+            f"embed: {total} feature rows but prep has {pmanifest['num_pairs']} pairs; rerun with --force"
+        )
+    return {
+        "model": cfg.embed.model,
+        "model_path": str(text_encoder.resolve_model_path(cfg.embed.model)),
+        "dim": dim,
+        "normalize": all(r.get("normalized", cfg.embed.normalize) for r in records),
+        "dtype": cfg.embed.dtype,
+        "pooling": cfg.embed.pooling,
+        "precision": sorted({r.get("precision", "") for r in records}),
+        "max_seq_length": max((int(r.get("max_seq_length", 0)) for r in records), default=0),
+        "outputs": [str(features_path(stage_dir, n).relative_to(stage_dir)) for n in names],
+        "num_pairs": total,
+        "empty_captions": sum(int(r.get("empty_caption", 0)) for r in records),
+        "truncated": sum(int(r.get("truncated", 0)) for r in records),
+    }
+
+
+def load_features(stage_dir: str | Path) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The embed manifest and its feature arrays (memory-mapped), in pair-id order."""
+    stage_dir = Path(stage_dir)
+    manifest = artifacts.read_manifest(stage_dir, "embed")
+    return manifest, [np.load(stage_dir / rel, mmap_mode="r") for rel in manifest["outputs"]]
+
+
+# --------------------------------------------------------------------------- runtime settings
+
+
+def set_runtime(*, device: str | None = None, progress: bool | None = None) -> None:
+    """Runtime choices kept out of the config (and its hash).
+
+    Stored in environment variables so spawned pool workers and re-imported modules see them.
+    """
+    if device is not None:
+        os.environ[DEVICE_ENV] = device
+    if progress is not None:
+        os.environ[PROGRESS_ENV] = "1" if progress else "0"
+
+
+def _progress() -> bool | None:
+    flag = os.environ.get(PROGRESS_ENV)
+    if flag is not None:
+        return flag == "1"
+    # Several pool workers writing bars to one terminal garble it; the runner's shard bar suffices.
+    return False if multiprocessing.parent_process() is not None else None
+
+
+def _encoder(cfg: PipelineConfig) -> text_encoder.TextEncoder:
+    device = text_encoder.resolve_device(cfg.embed.device)
+    if device.type == "cpu":
+        _configure_threads(cfg)
+    return text_encoder.load_text_model(cfg.embed.model, device=device, pooling=cfg.embed.pooling)
+
+
+def _configure_threads(cfg: PipelineConfig) -> None:
+    """Share the cores among pool workers / local ranks instead of oversubscribing them."""
+    global _threads_configured
+    if _threads_configured:
+        return
+    _threads_configured = True
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if multiprocessing.parent_process() is not None:
+        procs *= max(1, cfg.run.workers)
+    if procs > 1:
+        torch.set_num_threads(max(1, cores // procs))
+
+
+# --------------------------------------------------------------------------- torchrun entry point
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node=N -m stages.embed", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="redo shards made with another config/inputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def _rank_device(cfg: PipelineConfig, local_rank: int) -> str:
+    import torch
+
+    wanted = os.environ.get(DEVICE_ENV) or cfg.embed.device
+    if wanted in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return "cpu" if wanted == "auto" else wanted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """torchrun entry: each rank embeds its stride of shards; rank 0 then writes the manifest."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        set_runtime(device=_rank_device(cfg, local_rank), progress=False if args.quiet else None)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dist = _init_dist(world)
+    ok = _run_rank(cfg, args, rank, world, dist)
+    if dist is not None:
+        ok = _all_ok(dist, ok)
+    if ok and rank == 0:
+        ok = _guarded(lambda: run_stage(cfg, "embed", workers=1, progress=not args.quiet, finalize=True))
+    if dist is not None:
+        dist.destroy_process_group()
+    return 0 if ok else 2
+
+
+def _init_dist(world: int):
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+
+    # gloo is enough for a barrier and works with and without GPUs; ranks may wait for slow ones.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+    return dist
+
+
+def _run_rank(cfg: PipelineConfig, args: argparse.Namespace, rank: int, world: int, dist) -> bool:
+    if args.force:
+        # Rank 0 clears stale records alone, before anyone plans, so no rank deletes fresh work.
+        ok = True
+        if rank == 0:
+            ok = _guarded(
+                lambda: run_stage(cfg, "embed", force=True, shard_range=(0, 0), workers=1, finalize=False)
+            )
+        if dist is not None:
+            ok = _all_ok(dist, ok)
+        if not ok:
+            return False
+    return _guarded(
+        lambda: run_stage(
+            cfg, "embed", stride=(rank, world), workers=1, progress=not args.quiet, finalize=False
+        ),
+        label=f"rank {rank}/{world}",
+    )
+
+
+def _guarded(call, label: str = "") -> bool:
+    """Run a stage call; report errors as one line (the other ranks must still reach the barrier)."""
+    try:
+        summary = call()
+    except (StageError, ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error{f' ({label})' if label else ''}: {exc}", file=sys.stderr)
+        return False
+    ran, skipped = summary.get("ran", 0), summary.get("skipped", 0)
+    print(f"embed{f' {label}' if label else ''}: ran {ran} shard(s), skipped {skipped}")
+    return True
+
+
+def _all_ok(dist, ok: bool) -> bool:
+    import torch
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
