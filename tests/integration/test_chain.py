@@ -1,0 +1,66 @@
+"""The whole chain on a tiny generated dataset: demo-data → prep → embed → cluster → assign →
+seed → experts → ensemble, through the CLI, then a rerun that does no work."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from pipeline import cli
+
+TINY = [
+    "demo_data.num_pairs=240",
+    "demo_data.pairs_per_shard=60",
+    "demo_data.eval_per_class=2",
+    "demo_data.retrieval_pairs=16",
+    "demo_data.image_size=32",
+    "run.workers=1",
+    "cluster.num_fine=8",
+    "cluster.num_experts=2",
+    "train.model=mode-micro-vit",
+    "train.batch_size=8",
+    "train.steps=6",
+    "train.seed_steps=4",
+    "train.warmup=1",
+    "train.workers=0",
+    "train.save_every=2",
+    "train.log_every=2",
+    "train.eval_every=0",
+    "train.precision=fp32",
+    "ensemble.batch_size=16",
+]
+
+
+def test_whole_chain_and_noop_rerun(tmp_path, capsys):
+    sets = [
+        *TINY,
+        f"run.root={tmp_path / 'runs'}",
+        f"demo_data.out={tmp_path / 'data'}",
+        f"data.train={tmp_path / 'data'}/train/{{0..3}}.tar",
+        f"data.eval_root={tmp_path / 'data'}/eval",
+    ]
+    argv = ["--config", "configs/demo.yaml", "--quiet", *sum((["--set", s] for s in sets), [])]
+    assert cli.main(["demo-data", *argv]) == 0
+    assert cli.main(["run", *argv]) == 0
+    run = tmp_path / "runs" / "demo"
+    for stage in ("prep", "embed", "cluster", "assign", "ensemble"):
+        assert (run / stage / "manifest.json").is_file(), stage
+    assert json.loads((run / "prep" / "manifest.json").read_text())["num_pairs"] == 240
+    assert sum(json.loads((run / "assign" / "manifest.json").read_text())["expert_sizes"]) == 240
+    for model in ("seed", "expert_0", "expert_1"):
+        assert (run / "train" / model / "final.pt").is_file(), model
+    with open(run / "ensemble" / "report.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[:2] == ["dataset", "num_classes"]
+    assert {"expert-0", "expert-1", "expert-max", "all_unit", "ensemble", "dense"} <= set(rows[0])
+    assert rows[-1]["dataset"] == "average"
+    assert {r["dataset"] for r in rows} >= {"digits", "shapes", "textures", "words"}
+    assert (run / "ensemble" / "report.md").is_file()
+
+    outputs = sorted(run.glob("*/manifest.json")) + sorted(run.glob("train/*/final.pt"))
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    assert cli.main(["run", *argv]) == 0
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before
+    assert cli.main(["status", *argv[:2], *sum((["--set", s] for s in sets), [])]) == 0
+    status = capsys.readouterr().out
+    assert "stale" not in status.split("run:")[1].replace("stale=", "")
