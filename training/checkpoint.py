@@ -1,0 +1,121 @@
+"""Training checkpoints (``checkpoints/step_<n>.pt``), resume rules and the exported ``final.pt``.
+
+A checkpoint holds everything needed to continue bit-for-bit: model, optimizer, grad scaler, loss
+state (GCL tables), every rank's RNG states, the data position, the world size and the config. It is
+written by rank 0 through a temporary file and ``os.replace``, so a crash never leaves a partial
+``step_<n>.pt``; only the newest ``train.keep_last`` are kept (plus any step a caller pins, e.g. the
+seed checkpoint experts branch from).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.artifacts import atomic_path
+from pipeline.runner import StageError
+from training.models import unwrap
+
+_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+FINAL = "final.pt"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    """``<run_dir>/checkpoints``."""
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """``<run_dir>/checkpoints/step_<step>.pt``."""
+    return checkpoint_dir(run_dir) / f"step_{step}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint, oldest first."""
+    found = []
+    folder = checkpoint_dir(run_dir)
+    for path in folder.glob("step_*.pt") if folder.is_dir() else []:
+        match = _STEP_RE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, pinned: frozenset[int] = frozenset()) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (never a pinned step); returns the deleted."""
+    found = list_checkpoints(run_dir)
+    doomed = [path for step, path in found[: max(0, len(found) - keep_last)] if step not in pinned]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU."""
+    if not Path(path).is_file():
+        raise StageError(f"--resume: no such checkpoint {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_world_size(state: dict[str, Any], world_size: int, path: Path) -> None:
+    """Refuse to resume under another world size: the global batch, hence the results, would change."""
+    saved = int(state.get("world_size", 1))
+    if saved != world_size:
+        raise StageError(
+            f"{path} was written by {saved} process(es), this job has {world_size}: the global batch would "
+            f"change; resume with {saved} process(es), or start over with --resume none"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU and CUDA, numpy, python)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def export_final(run_dir: Path, model: nn.Module) -> Path:
+    """Write ``final.pt``: the plain model state dict (no DDP prefix, float32 tensors on CPU).
+
+    ``open_clip.create_model_and_transforms(<model>, pretrained=<run_dir>/final.pt)`` loads it.
+    """
+    state = {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+        for k, v in unwrap(model).state_dict().items()
+    }
+    path = Path(run_dir) / FINAL
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path

@@ -1,0 +1,572 @@
+"""Training data of one run: the original tars, filtered to an expert's pairs, as an endless stream.
+
+What a run trains on (:class:`ExpertData`):
+
+* the seed model: every pair prep kept (``prep/shards.parquet`` + ``prep/captions/<shard>.parquet``);
+* expert ``k``: the pairs whose ``coarse`` id in ``assign/<shard>.parquet`` is ``k``, plus, per shard
+  and epoch, a seeded sample of ``ooc_ratio`` of the shard's other pairs (MoDE's out-of-cluster
+  mix; MoDE drew it with unseeded ``np.random``, here it is seeded by ``(seed, epoch, shard)``).
+
+The stream (:class:`ExpertStream`) is a pure function of (seed, layout, position), which is what makes
+resume exact and runs reproducible:
+
+* each epoch, the shards are permuted (seed, epoch); a *stream* is a list of shards, and its pairs in
+  tar order are shuffled in consecutive windows of ``shuffle_buffer`` pairs (seed, epoch, window);
+* ``split="shards"``: reader ``rank * workers + slot`` owns every ``readers``-th shard of the
+  epoch's order, so ranks and workers read disjoint shards; its batches are consecutive slices of
+  its own stream, and rank batch ``j`` is built from slot ``j % workers`` (the DataLoader takes
+  its workers round-robin, in order; after a resume worker ``w`` plays slot ``(start + w) % workers``);
+* ``split="samples"`` (automatic when there are fewer shards with data than readers): one stream of
+  all shards; global batch ``t`` is positions ``[t*B, (t+1)*B)``, rank ``r`` takes the slice
+  ``[t*B + r*b, t*B + (r+1)*b)`` and slot ``t % workers`` builds it. This is disjoint and
+  complete, and the global batches do not depend on the number of ranks or workers (so a 2-process
+  run at per-rank batch b equals a 1-process run at batch 2b);
+* the caption of a visit (one of ``texts``) and the augmentation are seeded by
+  (seed, epoch, pair id), so the same pair visit gives the same tensors wherever it is decoded.
+
+Resuming after ``n`` batches skips positions arithmetically (no reading). Members are read with
+``os.pread`` from an index of the tar (offsets of each member), so only the pairs a worker needs are
+read; tars must be uncompressed local files (as prep listed them).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import struct
+import tarfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.artifacts import read_manifest
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.runner import StageError
+from training import models
+
+log = logging.getLogger("training")
+
+_SHARDS, _OOC, _WINDOW, _CAPTION, _AUGMENT = range(5)  # independent RNG streams
+_MAX_EMPTY_EPOCHS = 1000
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(images [b, 3, H, W] float, tokens [b, context] int64, pair ids [b] int64)."""
+
+
+# --------------------------------------------------------------------------- what a run trains on
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One training tar and how many of its pairs the run uses."""
+
+    name: str
+    path: str
+    table: str
+    """Parquet with ``pair_id``, ``key`` (and ``coarse`` for experts) of the shard's pairs."""
+    num_in: int
+    """Pairs of the expert (all pairs for the seed model)."""
+    num_out: int
+    """Other pairs: the candidates of the out-of-cluster sample."""
+
+
+@dataclass(frozen=True)
+class ExpertData:
+    """The pairs one run trains on, and the rule that selects them per epoch."""
+
+    shards: tuple[ShardInfo, ...]
+    expert: int | None
+    """Coarse cluster id; None = the dense seed model (all pairs)."""
+    ooc_ratio: float
+    seed: int
+    num_pairs: int
+    """Pairs in the whole dataset (prep's ``num_pairs``; the losses' ``data_size``)."""
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    caption_keys: tuple[str, ...] = ("txt", "json")
+    json_fields: tuple[str, ...] = ("caption", "texts")
+
+    @property
+    def epoch_size(self) -> float:
+        """Expected pairs per epoch: the expert's pairs plus ``ooc_ratio`` of the others."""
+        return float(sum(s.num_in + self.ooc_ratio * s.num_out for s in self.shards))
+
+    def ooc_count(self, shard: int, epoch: int) -> int:
+        """Out-of-cluster pairs drawn from ``shard`` in ``epoch`` (ratio x others, stochastically rounded)."""
+        return self._ooc_draw(shard, epoch)[0]
+
+    def _ooc_draw(self, shard: int, epoch: int) -> tuple[int, np.random.Generator]:
+        rng = np.random.default_rng([self.seed, _OOC, epoch, shard])
+        info = self.shards[shard]
+        if self.expert is None or info.num_out == 0 or self.ooc_ratio == 0.0:
+            return 0, rng
+        exact = self.ooc_ratio * info.num_out
+        return min(info.num_out, int(exact) + int(rng.random() < exact - int(exact))), rng
+
+    def num_selected(self, shard: int, epoch: int) -> int:
+        """Pairs of ``shard`` in the stream of ``epoch``."""
+        return self.shards[shard].num_in + self.ooc_count(shard, epoch)
+
+    def selected(self, shard: int, epoch: int) -> dict[str, int]:
+        """``{member key: pair id}`` of the pairs of ``shard`` used in ``epoch``."""
+        ids, keys, inside = _read_table(self.shards[shard].table, self.expert)
+        chosen = inside.copy()
+        count, rng = self._ooc_draw(shard, epoch)
+        if count:
+            chosen[rng.choice(np.flatnonzero(~inside), size=count, replace=False)] = True
+        return {keys[i]: int(ids[i]) for i in np.flatnonzero(chosen)}
+
+    def is_active(self, shard: int) -> bool:
+        """True when the shard can contribute pairs."""
+        info = self.shards[shard]
+        return info.num_in > 0 or (self.expert is not None and self.ooc_ratio * info.num_out > 0)
+
+
+@lru_cache(maxsize=64)
+def _read_table(path: str, expert: int | None) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(pair ids, keys, in-cluster mask) of one shard's table."""
+    columns = ["pair_id", "key"] + ([] if expert is None else ["coarse"])
+    table = pq.read_table(path, columns=columns)
+    ids = table.column("pair_id").to_numpy()
+    keys = table.column("key").to_pylist()
+    if expert is None:
+        return ids, keys, np.ones(len(keys), dtype=bool)
+    return ids, keys, table.column("coarse").to_numpy() == expert
+
+
+def load_expert_data(cfg: PipelineConfig, expert: int | None) -> ExpertData:
+    """Read prep's pair-id index (and assign's cluster tables for an expert).
+
+    Args:
+        cfg: Pipeline config (run folder, seed, ``train.ooc_ratio``, prep member keys).
+        expert: Coarse cluster id, or None for the seed model.
+
+    Raises:
+        FileNotFoundError: prep (or assign) has not finished.
+        ValueError: the expert id is out of range, or a shard is not a tar.
+    """
+    prep_dir = cfg.run_dir / "prep"
+    num_pairs = int(read_manifest(prep_dir, "prep")["num_pairs"])
+    index = pq.read_table(prep_dir / "shards.parquet").to_pylist()
+    non_tar = [row["shard"] for row in index if row["kind"] != "tar"]
+    if non_tar:
+        raise StageError(
+            f"train: only tar shards can be trained on, got {non_tar[0]} ({len(non_tar)} non-tar shard(s))"
+        )
+    tables = _expert_tables(cfg, expert) if expert is not None else None
+    shards = []
+    for row in index:
+        if row["count"] == 0:
+            continue
+        if tables is None:
+            table = str(prep_dir / "captions" / f"{row['shard']}.parquet")
+            shards.append(ShardInfo(row["shard"], row["path"], table, int(row["count"]), 0))
+            continue
+        if row["shard"] not in tables:
+            raise FileNotFoundError(
+                f"assign: no output for shard {row['shard']}; rerun `python -m pipeline assign`"
+            )
+        num_in = int((_read_table(tables[row["shard"]], expert)[2]).sum())
+        shards.append(
+            ShardInfo(row["shard"], row["path"], tables[row["shard"]], num_in, int(row["count"]) - num_in)
+        )
+    return ExpertData(
+        tuple(shards),
+        expert,
+        cfg.train.ooc_ratio,
+        cfg.run.seed,
+        num_pairs,
+        tuple(cfg.prep.image_keys),
+        tuple(cfg.prep.caption_keys),
+        tuple(cfg.prep.json_fields),
+    )
+
+
+def num_experts(cfg: PipelineConfig) -> int:
+    """Experts of the run: assign's ``num_experts`` (or ``cluster.num_experts`` before assign ran)."""
+    path = cfg.run_dir / "assign" / "manifest.json"
+    if path.is_file():
+        return int(read_manifest(path.parent, "assign")["num_experts"])
+    return cfg.cluster.num_experts
+
+
+def _expert_tables(cfg: PipelineConfig, expert: int) -> dict[str, str]:
+    assign_dir = cfg.run_dir / "assign"
+    manifest = read_manifest(assign_dir, "assign")
+    if not 0 <= expert < int(manifest["num_experts"]):
+        raise ConfigError(f"--expert {expert}: the run has experts 0..{int(manifest['num_experts']) - 1}")
+    return {Path(rel).stem: str(assign_dir / rel) for rel in manifest["outputs"]}
+
+
+# --------------------------------------------------------------------------- the order of a stream
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """How the stream is cut between ranks and loader workers (a runtime fact, not config)."""
+
+    split: Literal["shards", "samples"]
+    rank: int
+    world_size: int
+    workers: int
+    """Reader processes per rank (>= 1; ``train.workers: 0`` reads in the training process as one)."""
+    batch_size: int
+    """Per-rank batch size."""
+    shuffle_buffer: int
+
+    @property
+    def readers(self) -> int:
+        """Readers in the whole job."""
+        return self.world_size * self.workers
+
+    @property
+    def global_batch(self) -> int:
+        """Pairs per optimisation step over all ranks."""
+        return self.world_size * self.batch_size
+
+
+def resolve_split(requested: str, data: ExpertData, readers: int) -> Literal["shards", "samples"]:
+    """``auto``: ``shards`` when every reader can own at least one shard with data, else ``samples``."""
+    active = sum(data.is_active(i) for i in range(len(data.shards)))
+    if requested == "auto":
+        return "shards" if active >= readers else "samples"
+    if requested == "shards" and active < readers:
+        raise ConfigError(
+            f"train.data_split: 'shards' needs >= ranks x workers = {readers} shards with data, "
+            f"this run has {active}; use 'samples' or 'auto'"
+        )
+    return requested  # type: ignore[return-value]
+
+
+class StreamOrder:
+    """Deterministic endless order of one stream: shards per epoch, window-shuffled pairs.
+
+    Args:
+        data: The run's pairs.
+        reader: This reader's index (``split="shards"``), or None for the stream of all shards.
+        readers: Readers in the job.
+        window: Shuffle window (pairs).
+    """
+
+    def __init__(self, data: ExpertData, reader: int | None, readers: int, window: int) -> None:
+        self.data, self.reader, self.readers, self.window = data, reader, readers, max(1, window)
+        self._pool = [i for i in range(len(data.shards)) if data.is_active(i)]
+        self._starts = [0]  # stream position where each epoch starts
+        self._cum: dict[int, list[int]] = {}
+        self._shards: OrderedDict[int, list[int]] = OrderedDict()
+        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def epoch_shards(self, epoch: int) -> list[int]:
+        """Shards of this stream in ``epoch``, in reading order."""
+        if epoch not in self._shards:
+            perm = np.random.default_rng([self.data.seed, _SHARDS, epoch]).permutation(len(self._pool))
+            order = [self._pool[i] for i in perm]
+            self._shards[epoch] = order if self.reader is None else order[self.reader :: self.readers]
+            _trim(self._shards, 4)
+        return self._shards[epoch]
+
+    def cumulative(self, epoch: int) -> list[int]:
+        """Running pair counts over ``epoch_shards(epoch)`` (first entry 0)."""
+        if epoch not in self._cum:
+            counts = [self.data.num_selected(s, epoch) for s in self.epoch_shards(epoch)]
+            self._cum[epoch] = [0, *np.cumsum(counts, dtype=np.int64).tolist()]
+            if len(self._cum) > 4:
+                self._cum.pop(min(self._cum))
+        return self._cum[epoch]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, position within the epoch) of a stream position."""
+        while self._starts[-1] <= position:
+            epoch = len(self._starts) - 1
+            empty = 0
+            while self.cumulative(epoch + empty)[-1] == 0:
+                empty += 1
+                self._starts.append(self._starts[-1])
+                if empty > _MAX_EMPTY_EPOCHS:
+                    raise RuntimeError(f"reader {self.reader}: no pairs in {_MAX_EMPTY_EPOCHS} epochs")
+            self._starts.append(self._starts[-1] + self.cumulative(len(self._starts) - 1)[-1])
+        epoch = bisect.bisect_right(self._starts, position) - 1
+        return epoch, position - self._starts[epoch]
+
+    def source(self, epoch: int, offset: int) -> tuple[int, int]:
+        """(shard, ordinal among its selected pairs in tar order) read at ``offset`` of ``epoch``."""
+        cum = self.cumulative(epoch)
+        start = offset - offset % self.window
+        if (epoch, start) not in self._perms:
+            stream_id = 0 if self.reader is None else self.reader + 1
+            rng = np.random.default_rng([self.data.seed, _WINDOW, stream_id, epoch, start])
+            self._perms[(epoch, start)] = rng.permutation(min(self.window, cum[-1] - start))
+            _trim(self._perms, 4)
+        source = start + int(self._perms[(epoch, start)][offset - start])
+        k = bisect.bisect_right(cum, source) - 1
+        return self.epoch_shards(epoch)[k], source - cum[k]
+
+
+def _trim(cache: OrderedDict, capacity: int) -> None:
+    while len(cache) > capacity:
+        cache.popitem(last=False)
+
+
+# --------------------------------------------------------------------------- reading tars
+
+
+def member_key(name: str) -> tuple[str, str] | None:
+    """(key, lower-case extension) of a tar member, by the webdataset rule prep uses."""
+    base = name.rsplit("/", 1)[-1]
+    if "." not in base:
+        return None
+    prefix = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+    key, ext = base.split(".", 1)
+    return prefix + key, ext.lower()
+
+
+@dataclass
+class TarIndex:
+    """Where each member's bytes are in one uncompressed tar: ``{key: {ext: (offset, size)}}``."""
+
+    path: str
+    members: dict[str, dict[str, tuple[int, int]]]
+    order: list[str]
+    fd: int = field(default=-1, repr=False)
+
+    @classmethod
+    def build(cls, path: str) -> TarIndex:
+        """Scan the tar headers once."""
+        members: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for info in tar:
+                    parsed = member_key(info.name) if info.isfile() else None
+                    if parsed is not None:
+                        members.setdefault(parsed[0], {})[parsed[1]] = (info.offset_data, info.size)
+        except tarfile.ReadError as exc:
+            raise ValueError(
+                f"train: cannot index {path} ({exc}); the trainer needs uncompressed tars"
+            ) from None
+        return cls(path, members, list(members))
+
+    def read(self, key: str) -> dict[str, bytes]:
+        """Every member of ``key``."""
+        if self.fd < 0:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        return {ext: os.pread(self.fd, size, offset) for ext, (offset, size) in self.members[key].items()}
+
+    def close(self) -> None:
+        """Close the file (reopened on the next read)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ShardCache:
+    """The tar indexes and per-epoch selections a reader is using (a few at a time)."""
+
+    def __init__(self, data: ExpertData, capacity: int = 4) -> None:
+        self.data, self.capacity = data, capacity
+        self._tars: OrderedDict[int, TarIndex] = OrderedDict()
+        self._picks: OrderedDict[tuple[int, int], list[tuple[str, int]]] = OrderedDict()
+
+    def tar(self, shard: int) -> TarIndex:
+        """Index of ``shard``'s tar."""
+        if shard in self._tars:
+            self._tars.move_to_end(shard)
+        else:
+            self._tars[shard] = TarIndex.build(self.data.shards[shard].path)
+            if len(self._tars) > self.capacity:
+                self._tars.popitem(last=False)[1].close()
+        return self._tars[shard]
+
+    def picks(self, shard: int, epoch: int) -> list[tuple[str, int]]:
+        """(key, pair id) of the pairs of ``shard`` used in ``epoch``, in tar order."""
+        if (shard, epoch) not in self._picks:
+            chosen = self.data.selected(shard, epoch)
+            tar = self.tar(shard)
+            missing = [k for k in chosen if k not in tar.members]
+            if missing:
+                raise ValueError(
+                    f"train: {tar.path} lacks member '{missing[0]}' listed by prep; "
+                    f"the shard changed since prep ran (rerun prep)"
+                )
+            self._picks[(shard, epoch)] = [(k, chosen[k]) for k in tar.order if k in chosen]
+            if len(self._picks) > self.capacity:
+                self._picks.popitem(last=False)
+        return self._picks[(shard, epoch)]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class SampleDecoder:
+    """Raw members → (image tensor, caption) with per-visit seeded caption choice and augmentation."""
+
+    transform: Callable
+    seed: int
+    image_keys: tuple[str, ...]
+    caption_keys: tuple[str, ...]
+    json_fields: tuple[str, ...]
+
+    def __call__(self, raw: dict[str, bytes], epoch: int, pair_id: int) -> tuple[torch.Tensor, str]:
+        """Decode one visit of a pair."""
+        caption = self.caption(raw, epoch, pair_id)
+        ext = next((e for e in self.image_keys if e in raw), None)
+        if ext is None:
+            raise ValueError("no image member")
+        with Image.open(io.BytesIO(raw[ext])) as img:
+            image = img.convert("RGB")
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(_seed_int(self.seed, _AUGMENT, epoch, pair_id))
+            return self.transform(image), caption
+
+    def caption(self, raw: dict[str, bytes], epoch: int, pair_id: int) -> str:
+        """The caption of this visit: a string field, or one of a list drawn with a seeded RNG."""
+        for ext in self.caption_keys:
+            if ext not in raw:
+                continue
+            text = raw[ext].decode("utf-8")
+            if ext != "json":
+                return text.strip()
+            obj = json.loads(text)
+            for name in self.json_fields:
+                value = obj.get(name)
+                if isinstance(value, str) and value.strip():
+                    return value.strip()
+                texts = (
+                    [t for t in value if isinstance(t, str) and t.strip()] if isinstance(value, list) else []
+                )
+                if texts:
+                    return random.Random(_seed_int(self.seed, _CAPTION, epoch, pair_id)).choice(texts).strip()
+        raise ValueError("no caption member")
+
+
+def _seed_int(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes, unlike ``hash``)."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# --------------------------------------------------------------------------- the iterable dataset
+
+
+class ExpertStream(IterableDataset):
+    """Endless batches of one rank (see the module docstring for the order).
+
+    Args:
+        data: The run's pairs.
+        layout: Split, rank, world size, workers, per-rank batch size, shuffle window.
+        decoder: Turns raw members into (image tensor, caption).
+        tokenizer_name: open_clip model whose tokenizer encodes the captions (built in each worker).
+        start_batch: Rank batches already consumed (resume): the stream starts after them.
+    """
+
+    def __init__(
+        self,
+        data: ExpertData,
+        layout: StreamLayout,
+        decoder: SampleDecoder,
+        tokenizer_name: str,
+        start_batch: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data, self.layout, self.decoder = data, layout, decoder
+        self.tokenizer_name, self.start_batch = tokenizer_name, start_batch
+
+    def order_for(self, slot: int) -> StreamOrder:
+        """The stream read for rank batches ``j`` with ``j % workers == slot``."""
+        lay = self.layout
+        reader = lay.rank * lay.workers + slot if lay.split == "shards" else None
+        return StreamOrder(self.data, reader, lay.readers, lay.shuffle_buffer)
+
+    def positions(self, batch: int) -> range:
+        """Stream positions of rank batch ``batch`` (in the stream of the worker that builds it)."""
+        lay = self.layout
+        if lay.split == "samples":
+            start = batch * lay.global_batch + lay.rank * lay.batch_size
+            return range(start, start + lay.batch_size)
+        local = batch // lay.workers
+        return range(local * lay.batch_size, (local + 1) * lay.batch_size)
+
+    def batch_sources(self, batch: int, order: StreamOrder | None = None) -> list[tuple[int, int, int]]:
+        """(epoch, shard, ordinal) of every pair of rank batch ``batch``, without reading anything."""
+        order = order or self.order_for(batch % self.layout.workers)
+        out = []
+        for position in self.positions(batch):
+            epoch, offset = order.locate(position)
+            out.append((epoch, *order.source(epoch, offset)))
+        return out
+
+    def batch_pair_ids(self, batch: int, cache: ShardCache | None = None) -> list[int]:
+        """Pair ids of rank batch ``batch`` (reads tar headers and tables, decodes nothing)."""
+        cache = cache or ShardCache(self.data)
+        return [cache.picks(s, e)[k][1] for e, s, k in self.batch_sources(batch)]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.layout.workers:
+            raise RuntimeError(
+                f"ExpertStream: layout says {self.layout.workers} workers, loader has {info.num_workers}"
+            )
+        lay = self.layout
+        # The loader asks worker 0 first, so after a resume worker w builds the batches of slot
+        # (start + w) % workers: batch j always comes from slot j % workers, resumed or not.
+        batch = self.start_batch + worker
+        order, cache = self.order_for(batch % lay.workers), ShardCache(self.data)
+        tokenizer = _tokenizer(self.tokenizer_name)
+        while True:
+            yield self._build(batch, order, cache, tokenizer)
+            batch += lay.workers
+
+    def _build(self, batch: int, order: StreamOrder, cache: ShardCache, tokenizer: Callable) -> Batch:
+        images, captions, ids = [], [], []
+        for epoch, shard, ordinal in self.batch_sources(batch, order):
+            key, pair_id = cache.picks(shard, epoch)[ordinal]
+            try:
+                image, caption = self.decoder(cache.tar(shard).read(key), epoch, pair_id)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                log.warning("skipping undecodable pair %d (%s/%s): %s", pair_id, shard, key, exc)
+                continue
+            images.append(image)
+            captions.append(caption)
+            ids.append(pair_id)
+        if not images:
+            raise RuntimeError(f"train: no decodable pair in batch {batch}")
+        while len(images) < self.layout.batch_size:  # keep every rank's batch the same size
+            images.append(images[0])
+            captions.append(captions[0])
+            ids.append(ids[0])
+        return torch.stack(images), tokenizer(captions), torch.tensor(ids, dtype=torch.int64)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(name: str) -> Callable:
+    import open_clip
+
+    models.register_model_configs()
+    with models.quiet_open_clip():
+        return open_clip.get_tokenizer(name)
+
+
+def build_loader(stream: ExpertStream, workers: int, pin_memory: bool = False) -> Iterator[Batch]:
+    """An iterator over the stream's batches, decoded in ``workers`` processes (0 = in-process)."""
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )
+    return iter(loader)

@@ -1,0 +1,453 @@
+"""The ``train`` stage: the dense seed model, then one CLIP per coarse cluster (a data expert).
+
+In-process (one rank; what ``python -m pipeline train --expert k|seed|all`` calls)::
+
+    from training.main import train_experts
+    train_experts(cfg, "all")
+
+Data-parallel (NCCL on GPU, gloo on CPU; SLURM's srun environment works too)::
+
+    torchrun --nproc_per_node=8 -m training.main --config configs/demo.yaml --expert 3 [--set k=v]
+             [--resume latest|none|<path>]
+
+Schedule (MoDE): the seed run trains steps ``[0, seed_steps)`` on all pairs into
+``<run>/train/seed/``; expert ``k`` starts from the seed checkpoint at ``seed_steps`` (model,
+optimizer, scaler, loss state; not the data position) and continues the same cosine schedule to
+``train.steps`` on its cluster's pairs, in ``<run>/train/expert_<k>/``. A finished run (``final.pt``
+and ``manifest.json`` with the same config) is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from pipeline.artifacts import MANIFEST, git_sha, read_json, read_manifest, write_json, write_text
+from pipeline.config import (
+    ConfigError,
+    PipelineConfig,
+    config_hash,
+    diff_keys,
+    dump_yaml,
+    load_config,
+    to_jsonable,
+)
+from pipeline.runner import StageError
+from training import checkpoint as ckpt
+from training.data import num_experts
+from training.dist import DistContext, barrier, broadcast_object, init_distributed, set_cpu_threads
+from training.loop import RunSpec
+from training.models import create_model
+from training.setup import Restore, build_trainer
+
+log = logging.getLogger("training")
+
+OPERATIONAL_KEYS = frozenset(
+    {
+        "workers",
+        "save_every",
+        "keep_last",
+        "log_every",
+        "eval_every",
+        "eval_tasks",
+        "device",
+        "grad_checkpointing",
+    }
+)
+"""Train keys that do not change what a run computes (changing them never invalidates a run)."""
+
+
+# --------------------------------------------------------------------------- runs and their identity
+
+
+def train_dir(cfg: PipelineConfig) -> Path:
+    """``<run>/train``."""
+    return cfg.run_dir / "train"
+
+
+def seed_spec(cfg: PipelineConfig) -> RunSpec:
+    """The dense seed run: steps ``[0, seed_steps)`` on every pair."""
+    return RunSpec("seed", None, train_dir(cfg) / "seed", 0, cfg.train.seed_steps)
+
+
+def expert_spec(cfg: PipelineConfig, expert: int, branch_from: Path | None = None) -> RunSpec:
+    """Expert ``k``: steps ``[seed_steps, steps)`` (``[0, steps)`` without a seed model)."""
+    start = cfg.train.seed_steps if cfg.train.seed_steps > 0 else 0
+    return RunSpec(
+        f"expert_{expert}", expert, train_dir(cfg) / f"expert_{expert}", start, cfg.train.steps, branch_from
+    )
+
+
+def run_identity(cfg: PipelineConfig, spec: RunSpec) -> dict[str, Any]:
+    """The config values (and upstream artifacts) that define what a run computes."""
+    train = {k: v for k, v in to_jsonable(cfg.train).items() if k not in OPERATIONAL_KEYS}
+    if spec.expert is None:
+        train.pop("ooc_ratio")
+    identity = {
+        "train": train,
+        "loss": to_jsonable(cfg.loss),
+        "seed": cfg.run.seed,
+        "prep": read_manifest(cfg.run_dir / "prep", "prep")["config_hash"],
+        "expert": spec.expert,
+    }
+    if spec.expert is not None:
+        identity["assign"] = read_manifest(cfg.run_dir / "assign", "assign")["config_hash"]
+    return identity
+
+
+def _finished(spec: RunSpec) -> dict[str, Any] | None:
+    path = spec.run_dir / MANIFEST
+    if path.is_file() and (spec.run_dir / ckpt.FINAL).is_file():
+        return read_json(path)
+    return None
+
+
+def _changed(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    keys = diff_keys(saved, now)
+    return ", ".join(keys[:8]) or "unknown"
+
+
+def seed_checkpoint(cfg: PipelineConfig, expert: int) -> Path | None:
+    """The seed checkpoint expert ``expert`` branches from (None when ``seed_steps`` is 0).
+
+    Raises:
+        StageError: the seed run is missing, unfinished or was made with another config.
+    """
+    if cfg.train.seed_steps == 0:
+        return None
+    spec = seed_spec(cfg)
+    done = _finished(spec)
+    identity = run_identity(cfg, spec)
+    if done is None:
+        raise StageError(
+            f"train/expert_{expert} starts from the seed model at step {cfg.train.seed_steps}, which is not trained: "
+            f"run `python -m pipeline train --expert seed` first (or --expert all)"
+        )
+    if done.get("config_hash") != config_hash(identity):
+        raise StageError(
+            f"train/seed was trained with another config (changed: {_changed(done.get('identity', {}), identity)}); "
+            f"retrain it with `python -m pipeline train --expert seed --resume none`"
+        )
+    path = ckpt.checkpoint_path(spec.run_dir, cfg.train.seed_steps)
+    if not path.is_file():
+        raise StageError(f"train/seed: {path} is missing; retrain the seed with --expert seed --resume none")
+    return path
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _clear_run(spec: RunSpec) -> None:
+    for name in ("checkpoints", "tensorboard"):
+        shutil.rmtree(spec.run_dir / name, ignore_errors=True)
+    for name in (ckpt.FINAL, MANIFEST, "metrics.jsonl"):
+        (spec.run_dir / name).unlink(missing_ok=True)
+
+
+def choose_restore(spec: RunSpec, ctx: DistContext, resume: str, identity: dict[str, Any]) -> Restore:
+    """Which checkpoint the run starts from (``latest``, ``none`` or a path), checked for resumability."""
+    path: Path | None = None
+    if resume == "none":
+        if ctx.is_main:
+            _clear_run(spec)
+        barrier(ctx)
+    elif resume == "latest":
+        path = broadcast_object(ctx, ckpt.latest_checkpoint(spec.run_dir))
+    else:
+        path = Path(resume)
+    if path is None:
+        if spec.branch_from is None:
+            return Restore()
+        return Restore(ckpt.load_checkpoint(spec.branch_from), spec.branch_from, resume=False)
+    state = ckpt.load_checkpoint(path)
+    ckpt.check_world_size(state, ctx.world_size, path)
+    if state.get("identity_hash") != config_hash(identity):
+        message = f"{path} was written with another config (changed: {_changed(state.get('identity', {}), identity)})"
+        if resume == "latest":
+            raise StageError(
+                f"train/{spec.name}: {message}; --resume none starts over, --resume <path> continues anyway"
+            )
+        log.warning("%s; continuing as asked", message)
+    return Restore(state, path, resume=True)
+
+
+def _warn_branch_world_size(restore: Restore, ctx: DistContext) -> None:
+    if restore.state is not None and not restore.resume and restore.state.get("world_size") != ctx.world_size:
+        log.warning(
+            "the seed ran with %s process(es), this expert with %d: the global batch changes at the branch",
+            restore.state.get("world_size"),
+            ctx.world_size,
+        )
+
+
+def _finalize(
+    cfg: PipelineConfig,
+    spec: RunSpec,
+    ctx: DistContext,
+    model,
+    identity: dict[str, Any],
+    summary: dict[str, Any],
+) -> None:
+    if not ctx.is_main:
+        return
+    ckpt.export_final(spec.run_dir, model)
+    write_json(
+        spec.run_dir / MANIFEST,
+        {
+            "stage": "train",
+            "run": spec.name,
+            "expert": spec.expert,
+            "model": cfg.train.model,
+            "final": ckpt.FINAL,
+            "start_step": spec.start_step,
+            "step": spec.end_step,
+            "branch_from": str(spec.branch_from) if spec.branch_from else None,
+            "config_hash": config_hash(identity),
+            "identity": identity,
+            "world_size": ctx.world_size,
+            "git_sha": git_sha(),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **summary,
+        },
+    )
+
+
+def _export_branch_only(
+    cfg: PipelineConfig, spec: RunSpec, ctx: DistContext, restore: Restore, identity: dict[str, Any]
+) -> dict[str, Any]:
+    """An expert with no steps of its own (seed_steps == steps) is the seed model."""
+    bundle = create_model(cfg.train.model, "", "cpu")
+    if restore.state is not None:
+        bundle.model.load_state_dict(restore.state["model"])
+    _finalize(cfg, spec, ctx, bundle.model, identity, {"seconds": 0.0, "global_batch": 0, "zeroshot": {}})
+    return {"run": spec.name, "state": "done", "step": spec.end_step}
+
+
+def _skip_finished(
+    spec: RunSpec, ctx: DistContext, resume: str, identity: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The result of a finished run with the same config (None when it has to run)."""
+    done = _finished(spec)
+    if done is None or resume != "latest":
+        return None
+    if done.get("config_hash") != config_hash(identity):
+        raise StageError(
+            f"train/{spec.name}: finished with another config (changed: "
+            f"{_changed(done.get('identity', {}), identity)}); rerun with --resume none to retrain"
+        )
+    if ctx.is_main:
+        print(f"train/{spec.name}: nothing to do (finished at step {done.get('step')})")
+    return {"run": spec.name, "state": "skipped", "step": done.get("step")}
+
+
+def _train(
+    cfg: PipelineConfig,
+    spec: RunSpec,
+    ctx: DistContext,
+    restore: Restore,
+    identity: dict[str, Any],
+    progress: bool,
+    stop_at_step: int | None,
+) -> dict[str, Any]:
+    """Build the trainer, run it, export the final model when the run is complete."""
+    extra = {
+        "config": to_jsonable(cfg),
+        "identity": identity,
+        "identity_hash": config_hash(identity),
+        "git_sha": git_sha(),
+    }
+    trainer = build_trainer(cfg, spec, ctx, restore, extra, progress)
+    began = time.perf_counter()
+    state = trainer.train(stop_at_step)
+    trainer.close()
+    complete = state.step >= spec.end_step
+    if complete:
+        summary = {
+            "seconds": round(time.perf_counter() - began, 3),
+            "global_batch": trainer.global_batch,
+            "samples_seen": state.batches * trainer.global_batch,
+            "zeroshot": state.last_eval,
+        }
+        _finalize(cfg, spec, ctx, trainer.model, identity, summary)
+    barrier(ctx)
+    return {"run": spec.name, "state": "done" if complete else "partial", "step": state.step}
+
+
+def train_run(
+    cfg: PipelineConfig,
+    spec: RunSpec,
+    ctx: DistContext,
+    *,
+    resume: str = "latest",
+    progress: bool = True,
+    stop_at_step: int | None = None,
+) -> dict[str, Any]:
+    """Train (or skip, or resume) one run; returns ``{"run", "state", "step"}``."""
+    identity = run_identity(cfg, spec)
+    skipped = _skip_finished(spec, ctx, resume, identity)
+    if skipped is not None:
+        return skipped
+    restore = choose_restore(spec, ctx, resume, identity)
+    _warn_branch_world_size(restore, ctx)
+    if ctx.is_main:
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(spec.run_dir / "config.yaml", dump_yaml(cfg))
+    if spec.start_step >= spec.end_step and not restore.resume:
+        return _export_branch_only(cfg, spec, ctx, restore, identity)
+    return _train(cfg, spec, ctx, restore, identity, progress, stop_at_step)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _parse_expert(cfg: PipelineConfig, expert: str | int) -> list[str | int]:
+    if expert in ("seed", "all"):
+        return ["seed", *range(num_experts(cfg))] if expert == "all" else ["seed"]
+    try:
+        return [int(expert)]
+    except ValueError:
+        raise ConfigError(f"--expert {expert}: expected an expert index, 'seed' or 'all'") from None
+
+
+def train_experts(
+    cfg: PipelineConfig,
+    expert: str | int,
+    *,
+    resume: str = "latest",
+    progress: bool = True,
+    stop_at_step: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train the seed model, one expert, or the seed and then every expert.
+
+    Args:
+        cfg: Pipeline config (``train`` and ``loss`` sections; prep and assign must have run).
+        expert: ``"seed"``, ``"all"`` (seed first when missing, then experts 0..E-1) or an index.
+        resume: ``latest`` (continue from the newest checkpoint; skip finished runs), ``none``
+            (start over) or a checkpoint path (single run only).
+        progress: tqdm bar on rank 0.
+        stop_at_step: Stop (after checkpointing) once this global step is reached, e.g. to fit a
+            time slot; a later call resumes.
+
+    Returns:
+        One ``{"run", "state", "step"}`` per run (state ``done``, ``partial`` or ``skipped``).
+    """
+    targets = _parse_expert(cfg, expert)
+    if resume not in ("latest", "none") and len(targets) > 1:
+        raise ConfigError("--resume <path> needs a single run (--expert seed or an index)")
+    ctx = init_distributed(cfg.train.device)
+    set_cpu_threads(ctx, cfg.train.workers)
+    results = []
+    for target in targets:
+        if target == "seed":
+            if cfg.train.seed_steps == 0:
+                if ctx.is_main and expert == "seed":
+                    print("train/seed: nothing to do (train.seed_steps is 0: experts start from scratch)")
+                continue
+            results.append(
+                train_run(
+                    cfg, seed_spec(cfg), ctx, resume=resume, progress=progress, stop_at_step=stop_at_step
+                )
+            )
+            if results[-1]["state"] == "partial":
+                break
+            continue
+        spec = expert_spec(cfg, int(target), seed_checkpoint(cfg, int(target)))
+        results.append(train_run(cfg, spec, ctx, resume=resume, progress=progress, stop_at_step=stop_at_step))
+    return results
+
+
+def training_status(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """One status row per run: ``{"stage": "train/expert_0", "state", "shards_done", "shards_total"}``.
+
+    ``shards_done`` / ``shards_total`` are steps (the latest checkpoint / the run's last step).
+    """
+    specs = [seed_spec(cfg)] if cfg.train.seed_steps > 0 else []
+    specs += [expert_spec(cfg, k) for k in range(num_experts(cfg))]
+    rows = []
+    for spec in specs:
+        done = _finished(spec)
+        latest = ckpt.list_checkpoints(spec.run_dir)
+        row = {"stage": f"train/{spec.name}", "shards_total": spec.end_step}
+        if done is not None:
+            row.update(state="done", shards_done=done.get("step", spec.end_step))
+            try:
+                if done.get("config_hash") != config_hash(run_identity(cfg, spec)):
+                    row["stale"] = "config changed"
+            except FileNotFoundError:
+                pass
+        elif latest:
+            row.update(state="partial", shards_done=latest[-1][0])
+        else:
+            row.update(state="not started", shards_done=0)
+        rows.append(row)
+    return rows
+
+
+def torchrun_command(
+    config: str, expert: str, overrides: list[str], nproc_per_node: int, resume: str = "latest"
+) -> list[str]:
+    """The ``torchrun`` command line of a data-parallel training job (for launchers)."""
+    cmd = [
+        "torchrun",
+        f"--nproc_per_node={nproc_per_node}",
+        "-m",
+        "training.main",
+        "--config",
+        config,
+        "--expert",
+        str(expert),
+        "--resume",
+        resume,
+    ]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m training.main`` (torchrun form of ``python -m pipeline train``)."""
+    p = argparse.ArgumentParser(prog="torchrun ... -m training.main", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="pipeline YAML config")
+    p.add_argument("--expert", default="0", help="expert index, 'seed' or 'all' (default 0)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
+    p.add_argument("--resume", default="latest", help="'latest' (default), 'none' or a checkpoint path")
+    p.add_argument("--stop-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m training.main``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train_experts(
+            cfg, args.expert, resume=args.resume, progress=not args.quiet, stop_at_step=args.stop_at_step
+        )
+    except (ConfigError, StageError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
