@@ -139,6 +139,17 @@ def cmd_train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
         submit_train(cfg, args.expert, args.config, args.overrides, resume=args.resume)
         return 0
+    if kind == "torchrun":
+        import subprocess
+
+        from training.main import torchrun_command
+
+        cmd = torchrun_command(
+            args.config, args.expert, args.overrides, cfg.launcher.nproc_per_node, resume=args.resume
+        )
+        cmd[0] = str(Path(sys.executable).with_name("torchrun"))
+        print("launching: " + " ".join(cmd))
+        return subprocess.call(cmd)
     from training.main import train_experts
 
     train_experts(cfg, args.expert, resume=args.resume, progress=not args.quiet)
@@ -183,7 +194,7 @@ def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         counts = row.get("counts") or {}
         out = f"  out={counts['out']}" if "out" in counts else ""
         detail = f"  {row['detail']}" if row.get("detail") else ""
-        print(f"  {row['stage']:<12} {row['state']:<12} {progress:>9}{out}{extra}{detail}")
+        print(f"  {row['stage']:<16} {row['state']:<12} {progress:>11}{out}{extra}{detail}")
     return 0
 
 
@@ -199,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("faiss", "matplotlib", "sentence_transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
         if getattr(args, "launcher", None):

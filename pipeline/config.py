@@ -177,7 +177,9 @@ class TrainConfig:
     """open_clip model name (``ViT-B-32``, ``RN50``...) or one of ours in training/model_configs."""
     pretrained: str = ""
     """Local checkpoint to initialise from (open_clip ``pretrained=`` file)."""
-    precision: Literal["fp32", "amp_bf16", "amp"] = "amp_bf16"
+    precision: Literal["auto", "fp32", "amp_bf16", "amp"] = "auto"
+    """``auto``: bf16 autocast on GPU and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32;
+    ``amp_bf16``; ``amp`` (fp16 + GradScaler, GPU); ``fp32``."""
     batch_size: int = 64
     """Per-process batch size."""
     steps: int = 600
