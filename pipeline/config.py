@@ -51,12 +51,19 @@ class DemoDataConfig:
     """The embedded demo dataset (``python -m pipeline demo-data``)."""
 
     out: str = "data/demo"
+    """Folder the demo data is written to."""
     num_pairs: int = 20000
+    """Training image-caption pairs (split evenly over the domains)."""
     image_size: int = 64
+    """Side of the square images in pixels."""
     pairs_per_shard: int = 1000
+    """Pairs per training tar."""
     eval_per_class: int = 40
+    """Held-out images per class in each zero-shot task (digits: at most 100)."""
     retrieval_pairs: int = 500
+    """Held-out image-caption pairs of the retrieval task."""
     domains: list[str] = field(default_factory=lambda: ["digits", "shapes", "textures", "words"])
+    """Subset of digits, shapes, textures, words."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_pairs", "image_size", "pairs_per_shard", "eval_per_class")
@@ -74,7 +81,9 @@ class DataConfig:
     """
 
     train: str = "data/demo/train/{0..19}.tar"
+    """Sources joined with ``::`` (brace list, MoDE sharded pattern, folder, or CSV)."""
     layout: Literal["auto", "flat", "mode"] = "auto"
+    """``auto``: MoDE's ``<i % 100>/<i>.tar`` when the flat file is missing; ``flat``; ``mode``."""
     eval_root: str = "data/demo/eval"
     """Folder of evaluation tasks (one sub-folder per task, see docs/data_formats.md)."""
 
@@ -92,14 +101,18 @@ class PrepConfig:
     json_fields: list[str] = field(default_factory=lambda: ["caption", "texts"])
     """JSON fields holding the caption: a string, or a list from which one is drawn (seeded)."""
     image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    """Member extensions accepted as the image, in order."""
     verify_images: Literal["none", "header", "decode"] = "header"
     """How hard to check images: ``header`` checks the file signature (and a JPEG's end marker)
     without decoding; ``decode`` decodes every image with PIL (slower); ``none`` only non-empty."""
     label_field: str = ""
     """Optional JSON field kept as a ``label`` column for diagnostics (e.g. cluster purity)."""
     csv_separator: str = ","
+    """CSV field separator (``.tsv`` files default to tab)."""
     csv_img_key: str = "filepath"
+    """CSV column holding the image path (relative to the CSV file or absolute)."""
     csv_caption_key: str = "caption"
+    """CSV column holding the caption."""
 
 
 @dataclass(kw_only=True)
@@ -112,14 +125,17 @@ class EmbedConfig:
     pooling: Literal["model", "cls_pooler"] = "model"
     """``model``: the model's own pooling. ``cls_pooler``: BERT ``pooler_output`` (MoDE's SimCSE)."""
     batch_size: int = 256
+    """Captions per forward pass (not part of the config hash)."""
     dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of the feature files."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast while encoding: ``auto`` = bf16 on GPU and on CPUs with native bf16, else fp32."""
     normalize: bool = True
+    """L2-normalise stored features."""
     max_seq_length: int = 0
     """0 = the model's own maximum."""
     device: str = "auto"
+    """``auto``: this rank's GPU when present, else CPU (runtime only, not hashed)."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
@@ -130,9 +146,13 @@ class ClusterConfig:
     """Two-step clustering: balanced fine k-means, then coarse k-means of the fine centres."""
 
     num_fine: int = 1024
+    """Fine clusters (MoDE ``--cm``, 1024)."""
     num_experts: int = 4
+    """Coarse clusters = data experts (MoDE ``--cn``, 4..32)."""
     metric: Literal["euclidean", "cosine"] = "euclidean"
+    """``euclidean`` on L2-normalised features (MoDE default) or ``cosine`` (spherical)."""
     balanced: bool = True
+    """Balanced assignment while fitting the fine clusters (MoDE: auction LAP)."""
     balance_slack: float = 0.1
     """While fitting, every fine cluster size stays within [floor(N/K (1 - slack)),
     ceil(N/K (1 + slack))] (so max/min <= (1 + slack) / (1 - slack))."""
@@ -145,12 +165,17 @@ class ClusterConfig:
     sample_size: int = 0
     """If > 0, an absolute number of pairs instead of ``sample_fraction``."""
     init: Literal["kmeans++", "random"] = "kmeans++"
+    """Seeded centre initialisation."""
     max_iter: int = 50
+    """Lloyd iterations at most."""
     tol: float = 1e-4
+    """Stop when the mean squared centre shift / sample variance falls below this."""
     chunk_size: int = 65536
+    """Rows per distance block (bounds memory; never an N x K x D tensor)."""
     backend: Literal["torch", "faiss"] = "torch"
     """``torch``: balanced k-means written here (GPU/CPU); ``faiss``: unbalanced faiss.Kmeans."""
     device: str = "auto"
+    """``auto``: GPU when present (runtime only, not hashed)."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_fine", "num_experts", "max_iter", "chunk_size")
@@ -165,8 +190,11 @@ class AssignConfig:
     """Nearest fine centre for every pair."""
 
     backend: Literal["auto", "torch", "faiss"] = "auto"
+    """``auto`` (= torch matmul, fastest measured here), ``torch`` or ``faiss`` (exact flat index)."""
     chunk_size: int = 65536
+    """Pairs per distance block."""
     device: str = "auto"
+    """``auto``: this rank's GPU when present."""
 
 
 @dataclass(kw_only=True)
@@ -187,14 +215,23 @@ class TrainConfig:
     seed_steps: int = 500
     """Steps of the dense seed model after which experts branch off (MoDE: epoch 27 of 32)."""
     warmup: int = 50
+    """Linear warm-up steps of the cosine schedule."""
     lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
     min_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
     wd: float = 0.1
+    """Weight decay (not on gains, biases, logit scale)."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.98
+    """AdamW beta2."""
     eps: float = 1e-6
+    """AdamW epsilon."""
     grad_clip_norm: float = 1.0
+    """Clip the gradient norm to this (0 = off)."""
     grad_checkpointing: bool = False
+    """Activation checkpointing in the towers (saves memory)."""
     ooc_ratio: float = 0.02
     """Fraction of out-of-cluster pairs mixed into an expert's data (MoDE default 0.02)."""
     workers: int = 2
@@ -206,8 +243,11 @@ class TrainConfig:
     (global batches cut by position: same batches for any number of ranks/workers, every reader
     scans every shard) or ``auto`` (``shards`` when there are at least ranks x workers shards)."""
     save_every: int = 100
+    """Checkpoint every N steps."""
     keep_last: int = 2
+    """Checkpoints kept per run."""
     log_every: int = 20
+    """metrics.jsonl / TensorBoard every N steps."""
     eval_every: int = 200
     """Zero-shot evaluation on the eval tasks every N steps (0 = off)."""
     eval_tasks: list[str] = field(default_factory=list)
@@ -215,8 +255,11 @@ class TrainConfig:
     teacher: str = ""
     """Reference model for distillation: ``<model name>:<checkpoint path>``."""
     init_from_teacher: bool = False
+    """Copy the teacher's shape-matching parameters into the student first."""
     lock_logit_scale: bool = False
+    """Freeze the logit scale."""
     device: str = "auto"
+    """``auto``: this rank's GPU when present, else CPU."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "steps", "save_every", "log_every", "keep_last")
@@ -240,16 +283,22 @@ class EnsembleConfig:
     tasks: list[str] = field(default_factory=list)
     """Eval task names (empty = every task folder under data.eval_root)."""
     evaluators: list[str] = field(default_factory=lambda: ["zeroshot", "retrieval"])
+    """Evaluator modules in ``ensemble/evaluators`` run on each task."""
     routing: Literal["code", "paper"] = "code"
     """MoDE weight formula: ``code`` (post_report_ensemble.py, default) or ``paper`` (§3.4)."""
     smooth_weight: list[float] = field(default_factory=lambda: [5.0, 8.0])
+    """MoDE code formula constants: [alpha scale 5.0, softmax temperature 8.0]."""
     too_many_class: int = 200
+    """MoDE code formula: class count above which alpha grows (log10(n - 200))."""
     paper_lambda: float = 0.2
+    """Paper formula: lambda in exp(-d^2 / lambda)."""
     retrieval_image_routing: Literal["corpus", "captions"] = "corpus"
     """Image queries (image→text) are routed by the whole caption corpus (paper Eq. 7) or by the
     image's own captions (uses the ground-truth pairing; optimistic)."""
     batch_size: int = 256
+    """Images per evaluation batch."""
     device: str = "auto"
+    """``auto``: GPU when present."""
 
 
 @dataclass(kw_only=True)
@@ -267,6 +316,7 @@ class SlurmConfig:
     gpus_per_node: int = 8
     """GPUs (= DDP tasks) per training node; data stages use 1 GPU per task."""
     cpus_per_task: int = 10
+    """``--cpus-per-task``."""
     mem_gb: int = 0
     """``--mem`` per node in GB (0 = the cluster default)."""
     array_parallelism: int = 64
@@ -305,8 +355,11 @@ class LauncherConfig:
     """Where stages run: local process pool (default), torchrun, or SLURM via submitit."""
 
     kind: Literal["local", "torchrun", "slurm"] = "local"
+    """``local`` process pool, ``torchrun`` (train), or ``slurm`` (submitit)."""
     nproc_per_node: int = 1
+    """Processes per node for ``torchrun``."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """sbatch parameters."""
     folder: str = ""
     """submitit log folder; each stage logs to ``<folder>/<stage>`` (default ``<run>/_slurm``)."""
     dry_run: bool = False

@@ -59,3 +59,10 @@ def test_extends_merges_sections(tmp_path):
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_docs_config_reference_is_current():
+    from pipeline.config import config_reference
+
+    text = (REPO / "docs" / "config.md").read_text()
+    assert config_reference() in text, "regenerate: python -m pipeline.config > docs/config.md (keep the header)"
