@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from pipeline.config import load_config
-from pipeline.runner import plan_stage, run_stage, stage_dir
+from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.runner import StageError, run_stage
 
 
 def env_rank() -> tuple[int, int, int]:
@@ -35,43 +37,72 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def torchrun_stage(name: str, argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m stages.<name>`` under torchrun (also works as a single process)."""
-    parser = argparse.ArgumentParser(prog=f"torchrun ... -m stages.{name}")
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    rank, world, _ = env_rank()
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(hours=4))
+def torchrun_stage(
+    name: str, argv: list[str] | None = None, *, setup: Callable[[PipelineConfig, int], None] | None = None
+) -> int:
+    """Entry point of ``python -m stages.<name>`` under torchrun (also works as one process).
+
+    Each rank runs its stride of unfinished shards; ``--force`` is applied by rank 0 alone before
+    anyone plans (so no rank deletes another's fresh work); after a barrier rank 0 writes the
+    manifest. Errors are one line per rank and every rank still reaches the barriers.
+
+    Args:
+        name: stage name.
+        argv: command line (default ``sys.argv[1:]``).
+        setup: optional hook ``setup(cfg, local_rank)`` run before any work (e.g. pick the GPU).
+    """
+    args = _parse_args(name, argv)
+    rank, world, local_rank = env_rank()
     try:
-        if args.force and rank == 0:
-            _clear_for_force(cfg, name)
-        _barrier(world)
-        run_stage(cfg, name, stride=(rank, world), workers=1, finalize=False, progress=rank == 0)
-        _barrier(world)
-        if rank == 0:
-            run_stage(cfg, name, workers=1, progress=False)
-        _barrier(world)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        cfg = load_config(args.config, args.overrides)
+        if setup is not None:
+            setup(cfg, local_rank)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if world > 1 and not dist.is_initialized():
+        # gloo is enough for barriers and works with and without GPUs; ranks may wait for slow ones.
+        dist.init_process_group("gloo", timeout=timedelta(hours=12))
+    ok = True
+    if args.force and rank == 0:
+        ok = _guarded(name, lambda: run_stage(cfg, name, force=True, shard_range=(0, 0), workers=1, finalize=False))
+    ok = _all_ok(ok, world) and _guarded(
+        name,
+        lambda: run_stage(cfg, name, stride=(rank, world), workers=1, progress=not args.quiet, finalize=False),
+        label=f"rank {rank}/{world}",
+    )
+    ok = _all_ok(ok, world)
+    if ok and rank == 0:
+        ok = _guarded(name, lambda: run_stage(cfg, name, workers=1, progress=False))
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    return 0 if ok else 2
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+def _parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"torchrun --nproc_per_node=N -m stages.{name}")
+    p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="redo shards made with another config/inputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
 
 
-def _clear_for_force(cfg, name: str) -> None:
-    from pipeline import artifacts
+def _guarded(name: str, call: Callable[[], dict], label: str = "") -> bool:
+    """Run a stage call; report an error as one line (the other ranks must still reach the barrier)."""
+    try:
+        summary = call()
+    except (StageError, ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error{f' ({label})' if label else ''}: {exc}", file=sys.stderr)
+        return False
+    print(f"{name}{f' {label}' if label else ''}: ran {summary.get('ran', 0)} shard(s), skipped {summary.get('skipped', 0)}")
+    return True
 
-    plan = plan_stage(cfg, name)
-    sdir = stage_dir(cfg, name)
-    for shard in plan.done + plan.stale + plan.orphans:
-        artifacts.done_path(sdir, shard).unlink(missing_ok=True)
-    (sdir / artifacts.MANIFEST).unlink(missing_ok=True)
+
+def _all_ok(ok: bool, world: int) -> bool:
+    """True on every rank only if it is true on all of them."""
+    if world <= 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

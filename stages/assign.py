@@ -21,9 +21,9 @@ import torch
 
 from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
+from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
 from stages import kmeans
-from pipeline.distributed import resolve_device
 from stages.cluster import embed_outputs, load_centers
 
 SCHEMA = pa.schema(

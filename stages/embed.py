@@ -22,8 +22,6 @@ barrier rank 0 writes the manifest. The features do not depend on N.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import logging
 import multiprocessing
 import os
@@ -36,8 +34,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import artifacts
-from pipeline.config import ConfigError, PipelineConfig, load_config, to_jsonable
-from pipeline.runner import Shard, StageError, run_stage
+from pipeline.config import PipelineConfig, to_jsonable
+from pipeline.distributed import torchrun_stage
+from pipeline.runner import Shard, StageError
 from stages import text_encoder
 from stages.text_encoder import DEVICE_ENV
 
@@ -213,17 +212,6 @@ def _configure_threads(cfg: PipelineConfig) -> None:
 # --------------------------------------------------------------------------- torchrun entry point
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="torchrun --nproc_per_node=N -m stages.embed", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default %(default)s)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--force", action="store_true", help="redo shards made with another config/inputs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
-
-
 def _rank_device(cfg: PipelineConfig, local_rank: int) -> str:
     import torch
 
@@ -235,75 +223,14 @@ def _rank_device(cfg: PipelineConfig, local_rank: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """torchrun entry: each rank embeds its stride of shards; rank 0 then writes the manifest."""
-    args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        cfg = load_config(args.config, args.overrides)
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        set_runtime(device=_rank_device(cfg, local_rank), progress=False if args.quiet else None)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    dist = _init_dist(world)
-    ok = _run_rank(cfg, args, rank, world, dist)
-    if dist is not None:
-        ok = _all_ok(dist, ok)
-    if ok and rank == 0:
-        ok = _guarded(lambda: run_stage(cfg, "embed", workers=1, progress=not args.quiet, finalize=True))
-    if dist is not None:
-        dist.destroy_process_group()
-    return 0 if ok else 2
+    args = list(argv) if argv is not None else sys.argv[1:]
+    quiet = "--quiet" in args
 
+    def setup(cfg: PipelineConfig, local_rank: int) -> None:
+        set_runtime(device=_rank_device(cfg, local_rank), progress=False if quiet else None)
 
-def _init_dist(world: int):
-    if world <= 1:
-        return None
-    import torch.distributed as dist
-
-    # gloo is enough for a barrier and works with and without GPUs; ranks may wait for slow ones.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-    return dist
-
-
-def _run_rank(cfg: PipelineConfig, args: argparse.Namespace, rank: int, world: int, dist) -> bool:
-    if args.force:
-        # Rank 0 clears stale records alone, before anyone plans, so no rank deletes fresh work.
-        ok = True
-        if rank == 0:
-            ok = _guarded(
-                lambda: run_stage(cfg, "embed", force=True, shard_range=(0, 0), workers=1, finalize=False)
-            )
-        if dist is not None:
-            ok = _all_ok(dist, ok)
-        if not ok:
-            return False
-    return _guarded(
-        lambda: run_stage(
-            cfg, "embed", stride=(rank, world), workers=1, progress=not args.quiet, finalize=False
-        ),
-        label=f"rank {rank}/{world}",
-    )
-
-
-def _guarded(call, label: str = "") -> bool:
-    """Run a stage call; report errors as one line (the other ranks must still reach the barrier)."""
-    try:
-        summary = call()
-    except (StageError, ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error{f' ({label})' if label else ''}: {exc}", file=sys.stderr)
-        return False
-    ran, skipped = summary.get("ran", 0), summary.get("skipped", 0)
-    print(f"embed{f' {label}' if label else ''}: ran {ran} shard(s), skipped {skipped}")
-    return True
-
-
-def _all_ok(dist, ok: bool) -> bool:
-    import torch
-
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return torchrun_stage("embed", args, setup=setup)
 
 
 if __name__ == "__main__":
