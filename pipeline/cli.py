@@ -32,18 +32,18 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set cluster.num_fine=1024 (repeatable)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--launcher",
+        choices=["local", "torchrun", "slurm"],
+        default=None,
+        help="override launcher.kind (slurm submits submitit jobs; torchrun: train only)",
+    )
 
 
 def _stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo shards made with another config/inputs")
     p.add_argument("--shards", default=None, metavar="LO:HI", help="only run shards [LO, HI) of the listing")
     p.add_argument("--workers", type=int, default=None, help="process-pool size (default run.workers)")
-    p.add_argument(
-        "--launcher",
-        choices=["local", "torchrun", "slurm"],
-        default=None,
-        help="override launcher.kind (slurm submits a submitit job array)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--expert", default="0", help="expert index, 'seed' or 'all' (default 0)")
     p.add_argument("--resume", default="latest", help="'latest' (default), 'none' or a checkpoint path")
-    p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default=None)
     p = sub.add_parser("run", help="every stage in order, skipping finished work")
     _common(p)
     p.add_argument("--until", choices=RUN_ORDER, default="ensemble", help="last stage to run")

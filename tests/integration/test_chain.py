@@ -64,3 +64,11 @@ def test_whole_chain_and_noop_rerun(tmp_path, capsys):
     assert cli.main(["status", *argv[:2], *sum((["--set", s] for s in sets), [])]) == 0
     status = capsys.readouterr().out
     assert "stale" not in status.split("run:")[1].replace("stale=", "")
+
+
+def test_every_make_target_command_parses():
+    """The Makefile passes --config/--launcher/--set to every sub-command."""
+    parser = cli.build_parser()
+    for command in ("demo-data", "prep", "embed", "cluster", "assign", "train", "ensemble", "run", "status"):
+        args = parser.parse_args([command, "--config", "configs/demo.yaml", "--launcher", "local", "--set", "run.seed=1"])
+        assert args.command == command and args.launcher == "local"
