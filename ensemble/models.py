@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import PipelineConfig
+from training.models import register_model_configs
 
 log = logging.getLogger("pipeline")
 
@@ -63,17 +63,6 @@ def model_specs(cfg: PipelineConfig, num_experts: int) -> list[ModelSpec]:
             )
     seed = seed_spec(cfg)
     return specs + ([seed] if seed.path.is_file() else [])
-
-
-def register_model_configs() -> None:
-    """Register the project's small open_clip configs (``training.models``) when that module exists."""
-    try:
-        module = importlib.import_module("training.models")
-    except ImportError:
-        return
-    register = getattr(module, "register_model_configs", None)
-    if register is not None:
-        register()
 
 
 @dataclass
