@@ -207,7 +207,8 @@ def run_stage(
     remaining = [n for n in by_name if not artifacts.done_path(sdir, n).is_file()]
     summary = {"stage": name, "ran": len(selected_range), "skipped": len(plan.done)}
     if remaining or not finalize:
-        log.info("%s: %d shard(s) still to do; manifest not written yet", name, len(remaining))
+        if remaining:
+            log.info("%s: %d shard(s) still to do; manifest not written yet", name, len(remaining))
         return {**summary, "remaining": len(remaining)}
     summary["manifest"] = write_manifest(cfg, name, plan)
     return summary

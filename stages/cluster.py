@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
         fine = kmeans.fit_kmeans(
             x, c.num_fine, balanced=c.balanced, metric=c.metric, init=c.init, max_iter=c.max_iter,
             tol=c.tol, seed=cfg.run.seed, device=device, chunk_size=c.chunk_size,
-            balance_slack=c.balance_slack, progress=True,
+            balance_slack=c.balance_slack, progress=sys.stderr.isatty(),
         )
     coarse_centers, fine_to_coarse = kmeans.coarse_cluster(
         fine.centers, c.num_experts, balanced=c.coarse_balanced, metric=c.metric, seed=cfg.run.seed,
