@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
 from pipeline.runner import STAGE_MODULES, StageError, run_stage, stage_status
 
 log = logging.getLogger("pipeline")
@@ -22,15 +22,7 @@ RUN_ORDER = ["prep", "embed", "cluster", "assign", "train", "ensemble"]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default %(default)s)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set cluster.num_fine=1024 (repeatable)",
-    )
+    add_config_args(p, default=DEFAULT_CONFIG)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--launcher",

@@ -575,6 +575,22 @@ def diff_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> lis
     return changed
 
 
+def add_config_args(parser: Any, *, default: str | None = "configs/demo.yaml") -> None:
+    """Add ``--config`` and repeatable ``--set KEY=VALUE`` to an argparse parser (every entry point)."""
+    if default is None:
+        parser.add_argument("--config", required=True, help="pipeline YAML config")
+    else:
+        parser.add_argument("--config", default=default, help="YAML config (default %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set cluster.num_fine=1024 (repeatable)",
+    )
+
+
 def _field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings (the string literal under each field) of a dataclass."""
     import ast

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
 from pipeline.runner import StageError, run_stage
 
 
@@ -81,8 +81,7 @@ def torchrun_stage(
 
 def _parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"torchrun --nproc_per_node=N -m stages.{name}")
-    p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default %(default)s)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(p)
     p.add_argument("--force", action="store_true", help="redo shards made with another config/inputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)

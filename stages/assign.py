@@ -89,16 +89,16 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
 
 def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[str, Any]:
     """Expert and fine-cluster sizes over all pairs (and purity against prep labels, if any)."""
-    shards = list_shards(cfg, stage_dir)
+    shards = [rec["shard"] for rec in records]
     k, e = cfg.cluster.num_fine, cfg.cluster.num_experts
     fine_sizes, expert_sizes = np.zeros(k, np.int64), np.zeros(e, np.int64)
     label_counts: Counter = Counter()
     for shard in shards:
-        table = pq.read_table(output_path(stage_dir, shard.name), columns=["fine", "coarse"])
+        table = pq.read_table(output_path(stage_dir, shard), columns=["fine", "coarse"])
         fine_sizes += np.bincount(table.column("fine").to_numpy(), minlength=k)
         coarse = table.column("coarse").to_numpy()
         expert_sizes += np.bincount(coarse, minlength=e)
-        labels = _labels(cfg, shard.name)
+        labels = _labels(cfg, shard)
         if labels is not None:
             label_counts.update(zip(coarse.tolist(), labels, strict=True))
     extra: dict[str, Any] = {}
@@ -106,7 +106,7 @@ def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[
         extra["purity"] = _purity(label_counts, e)
     nz = fine_sizes[fine_sizes > 0]
     return {
-        "outputs": [str(output_path(stage_dir, s.name).relative_to(stage_dir)) for s in shards],
+        "outputs": [str(output_path(stage_dir, s).relative_to(stage_dir)) for s in shards],
         "num_experts": e,
         "num_fine": k,
         "expert_sizes": expert_sizes.tolist(),

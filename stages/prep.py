@@ -281,16 +281,16 @@ def _csv_row(cfg, row: dict, base: Path, skipped: Counter) -> str | None:
 
 def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[str, Any]:
     """Assign dense pair ids in shard order and write the pair-id index ``shards.parquet``."""
-    shards = list_shards(cfg, stage_dir)
+    shards, missing = expand_sources(cfg.data.train, cfg.data.layout)
     offset, rows = 0, []
     for shard, rec in zip(shards, records, strict=True):
         _stamp_pair_ids(caption_path(stage_dir, shard.name), offset)
         rows.append(
             {
                 "shard": shard.name,
-                "path": shard.inputs["path"],
-                "kind": shard.inputs["kind"],
-                "source": shard.inputs["source"],
+                "path": shard.path,
+                "kind": shard.kind,
+                "source": shard.source,
                 "offset": offset,
                 "count": rec["out"],
             }
@@ -299,10 +299,9 @@ def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[
     index = pa.Table.from_pylist(rows)
     with artifacts.atomic_path(stage_dir / "shards.parquet") as tmp:
         pq.write_table(index, tmp)
-    _missing = expand_sources(cfg.data.train, cfg.data.layout)[1]
     return {
         "num_pairs": offset,
-        "missing_input_files": _missing,
+        "missing_input_files": missing,
         "outputs": [str(caption_path(stage_dir, s.name).relative_to(stage_dir)) for s in shards],
         "index": "shards.parquet",
     }

@@ -34,6 +34,7 @@ from pipeline.artifacts import MANIFEST, git_sha, read_json, read_manifest, writ
 from pipeline.config import (
     ConfigError,
     PipelineConfig,
+    add_config_args,
     config_hash,
     diff_keys,
     dump_yaml,
@@ -415,16 +416,8 @@ def torchrun_command(
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m training.main`` (torchrun form of ``python -m pipeline train``)."""
     p = argparse.ArgumentParser(prog="torchrun ... -m training.main", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="pipeline YAML config")
+    add_config_args(p, default=None)
     p.add_argument("--expert", default="0", help="expert index, 'seed' or 'all' (default 0)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
     p.add_argument("--resume", default="latest", help="'latest' (default), 'none' or a checkpoint path")
     p.add_argument("--stop-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
