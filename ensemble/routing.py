@@ -19,6 +19,21 @@ for that centre's coarse cluster, i.e. its data expert. Votes become weights by 
       A_l     *= exp(0.5 - sqrt(n))   if n < 10
       w        = softmax(sum over items l voting k of A_l)
 
+* ``calibrated`` (this project's default; docs/ensemble.md has the measurements)::
+
+      D_lk     = min over the fine centres s of expert k of |e_l - c_s|^2
+      p_l      = softmax_k(-D_lk / tau)                  soft vote of item l
+      w        = (sum over items l of p_l + prior / E) / (n + prior)
+
+  ``tau`` is calibrated on the run's own training captions (never on eval data): with ``m`` the
+  median, over a sample of captions, of the margin between the squared distance to the second
+  nearest expert and to the nearest one, ``tau = m / ln(c (E - 1) / (1 - c))``, so that a caption
+  with the median margin votes with confidence at least ``c`` (``ensemble.calibrated_confidence``,
+  0.9) for its own expert. ``w`` is the posterior mean of a symmetric Dirichlet prior of total mass
+  ``prior`` (``ensemble.calibrated_prior``, 1) updated with the soft votes: a metadata set whose
+  items all vote clearly for one expert routes most weight there (more items, more weight),
+  ambiguous items split their vote, and a set of one item stays soft.
+
 Items are grouped: one group is one routing decision (a whole classification task, one query
 text, or the captions of one image), and ``n`` is the size of the item's group.
 """
@@ -31,8 +46,8 @@ from typing import Literal
 
 import torch
 
-Formula = Literal["code", "paper"]
-FORMULAS: tuple[str, ...] = ("code", "paper")
+Formula = Literal["code", "paper", "calibrated"]
+FORMULAS: tuple[str, ...] = ("code", "paper", "calibrated")
 PAPER_FEW_CLASSES = 10
 """Below this many items the paper softens ``A`` (App. E)."""
 PAPER_MANY_CLASSES = 200
@@ -47,6 +62,10 @@ class RoutingParams:
     smooth_weight: tuple[float, float] = (5.0, 8.0)
     too_many_class: int = 200
     paper_lambda: float = 0.2
+    temperature: float | None = None
+    """``calibrated``: the temperature ``tau`` (from :func:`calibrate_temperature`)."""
+    prior: float = 1.0
+    """``calibrated``: total mass of the uniform Dirichlet prior."""
 
 
 def nearest_fine(features: torch.Tensor, fine_centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +129,8 @@ def grouped_weights(
         float64 ``[G, E]`` weights, each row summing to 1. An expert without votes keeps a score
         of 0 before the softmax, so it still gets a non-zero weight (as in MoDE).
     """
-    if params.formula not in FORMULAS:
-        raise ValueError(f"ensemble.routing: {params.formula!r} is not one of {list(FORMULAS)}")
+    if params.formula not in ("code", "paper"):
+        raise ValueError(f"ensemble.routing: {params.formula!r} is not code or paper here (calibrated: use route())")
     if group is None:
         group = torch.zeros(len(dist), dtype=torch.long)
     groups = int(num_groups if num_groups is not None else (int(group.max()) + 1 if len(group) else 0))
@@ -125,6 +144,78 @@ def grouped_weights(
     scores = torch.zeros(groups, num_experts, dtype=torch.float64)
     scores.index_put_((group, expert.long()), items, accumulate=True)
     return torch.softmax(scores / temperature, dim=1)
+
+
+def expert_sq_distances(
+    features: torch.Tensor, fine_centers: torch.Tensor, fine_to_coarse: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """``[n, E]`` float64: squared L2 distance of every row to the nearest fine centre of each expert.
+
+    An expert that owns no fine centre gets ``inf``.
+    """
+    if features.shape[1] != fine_centers.shape[1]:
+        raise ValueError(
+            f"routing: features are {features.shape[1]}-d but the fine centres are {fine_centers.shape[1]}-d"
+        )
+    d2 = torch.cdist(features.double()[None], fine_centers.double()[None])[0] ** 2
+    out = torch.full((d2.shape[0], num_experts), math.inf, dtype=torch.float64)
+    owner = fine_to_coarse.long()
+    for k in range(num_experts):
+        mine = owner == k
+        if bool(mine.any()):
+            out[:, k] = d2[:, mine].min(dim=1).values
+    return out
+
+
+def calibrate_temperature(sample_d2: torch.Tensor, confidence: float = 0.9) -> float:
+    """Temperature ``tau`` of the calibrated routing from training captions' expert distances.
+
+    Args:
+        sample_d2: ``[N, E]`` squared distances of N training captions (:func:`expert_sq_distances`).
+        confidence: the lower bound on the soft vote a caption with the median margin gives its
+            own expert (in (1/E, 1)).
+
+    Returns:
+        ``median margin / ln(confidence * (E - 1) / (1 - confidence))`` (margin: second smallest
+        minus smallest distance of a row); 1.0 for a single expert.
+    """
+    num_experts = sample_d2.shape[1]
+    if num_experts < 2 or sample_d2.shape[0] == 0:
+        return 1.0
+    if not 1.0 / num_experts < confidence < 1.0:
+        raise ValueError(f"ensemble.calibrated_confidence: {confidence} not in (1/E, 1) = ({1 / num_experts:.3f}, 1)")
+    two = sample_d2.double().topk(2, dim=1, largest=False).values
+    margins = (two[:, 1] - two[:, 0])[torch.isfinite(two[:, 1])]
+    median = float(margins.median()) if len(margins) else 0.0
+    return max(median, 1e-12) / math.log(confidence * (num_experts - 1) / (1.0 - confidence))
+
+
+def calibrated_weights(
+    d2: torch.Tensor,
+    temperature: float,
+    prior: float = 1.0,
+    group: torch.Tensor | None = None,
+    num_groups: int | None = None,
+) -> torch.Tensor:
+    """Weights ``[G, E]`` of the calibrated routing (pure; see the module docstring).
+
+    Args:
+        d2: ``[M, E]`` squared distance of each metadata item to each expert's nearest fine centre.
+        temperature: ``tau`` from :func:`calibrate_temperature`.
+        prior: total mass of the uniform Dirichlet prior (> 0).
+        group: ``[M]`` group of each item (default: one group).
+        num_groups: number of groups.
+    """
+    if temperature <= 0:
+        raise ValueError(f"routing: calibrated temperature must be > 0, got {temperature}")
+    if group is None:
+        group = torch.zeros(d2.shape[0], dtype=torch.long)
+    groups = int(num_groups if num_groups is not None else (int(group.max()) + 1 if len(group) else 0))
+    num_experts = d2.shape[1]
+    votes = torch.softmax(-d2.double() / temperature, dim=1)
+    sums = torch.zeros(groups, num_experts, dtype=torch.float64).index_add_(0, group, votes)
+    counts = torch.bincount(group, minlength=groups).double()[:, None]
+    return (sums + prior / num_experts) / (counts + prior)
 
 
 def task_weights(
@@ -143,6 +234,8 @@ class Centers:
     fine_to_coarse: torch.Tensor
     """``[K]`` expert of every fine centre."""
     num_experts: int
+    temperature: float | None = None
+    """Temperature of the ``calibrated`` routing, fitted on the run's training captions."""
 
 
 @dataclass
@@ -182,7 +275,14 @@ def route(
     num_experts = num_experts if num_experts is not None else int(fine_to_coarse.max()) + 1
     dist, fine = nearest_fine(features, fine_centers)
     expert = fine_to_coarse.long()[fine]
-    weights = grouped_weights(dist, expert, num_experts, params, group, num_groups if group is not None else 1)
+    groups = num_groups if group is not None else 1
+    if params.formula == "calibrated":
+        if params.temperature is None:
+            raise ValueError("routing: the calibrated formula needs a temperature (calibrate_temperature)")
+        d2 = expert_sq_distances(features, fine_centers, fine_to_coarse, num_experts)
+        weights = calibrated_weights(d2, params.temperature, params.prior, group, groups)
+    else:
+        weights = grouped_weights(dist, expert, num_experts, params, group, groups)
     return Routing(weights, dist, fine, expert)
 
 
@@ -192,6 +292,8 @@ def entropy_bits(weights: torch.Tensor) -> float:
     return float(-(w * torch.log2(w)).sum())
 
 
-def uniform_entropy_bits(num_experts: int) -> float:
-    """Entropy of uniform weights over ``num_experts`` experts."""
-    return math.log2(num_experts) if num_experts > 0 else 0.0
+def mean_entropy_bits(weights: dict[str, torch.Tensor]) -> float:
+    """Mean entropy (bits) over every weight vector of a task's weights dict."""
+    rows = torch.cat([w.double().reshape(-1, w.shape[-1]) for w in weights.values()])
+    p = rows.clamp_min(1e-300)
+    return float((-(p * torch.log2(p)).sum(dim=1)).mean())

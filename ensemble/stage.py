@@ -1,10 +1,12 @@
-"""``ensemble`` stage: evaluate every expert (and the dense seed), route, combine, report.
+"""``ensemble`` stage: evaluate every expert, the seed and the baselines, route, combine, report.
 
 One shard per evaluation task. ``process_shard`` runs every model on the task with the task's
 evaluator and saves its outputs, then computes the task's routing weights from its metadata
-(class names, or captions for retrieval) and the fine cluster centres. ``finalize`` combines the
-saved outputs (single experts, ``all_unit``, routed ``ensemble``, ``dense``) without re-running any
-model and writes the report.
+(class names, or captions for retrieval) and the fine cluster centres, under every routing formula
+(the configured one is used; the others feed the routing comparison). ``finalize`` combines the
+saved outputs per system (single experts, ``all_unit``, routed ``ensemble``, ``seed`` and the
+baselines of ``train.baselines``) without re-running any model, bootstraps intervals over the
+eval items, and writes the report.
 
 Outputs in ``<run>/ensemble/``:
 
@@ -13,12 +15,15 @@ Outputs in ``<run>/ensemble/``:
   ``text_image``) plus ``meta`` (model and task fingerprints: a model whose ``final.pt`` and task
   are unchanged is not re-run, even after ``--force``);
 * ``outputs/<task>/routing.pt`` / ``routing.json``: the task's weights and how they were made;
-* ``report.csv`` (MoDE's result.csv columns + ``dense``), ``report.md``, ``routing.json``,
-  ``metrics.jsonl`` and the plots ``cluster_sizes.png``, ``routing_weights.png``, ``scores.png``.
+* ``report.csv`` (MoDE's result.csv columns, then ``seed`` and the baselines), ``report_ci.csv``
+  (95% bootstrap intervals), ``report_paired.csv`` (ensemble minus each baseline, paired
+  bootstrap, verdict), ``report.md``, ``routing.json``, ``calibration.json``, ``metrics.jsonl``
+  and the plots ``cluster_sizes.png``, ``routing_weights.png``, ``scores.png``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,8 +39,17 @@ import torch
 from ensemble import report
 from ensemble.datasets import EvalTask, discover_tasks, load_task
 from ensemble.evaluators import Embed, evaluator_for, get_evaluator
-from ensemble.models import SEED, ModelSpec, load_clip, model_specs
-from ensemble.routing import Centers, entropy_bits
+from ensemble.models import SEED, ModelSpec, baseline_systems, load_clip, model_specs, train_dir
+from ensemble.routing import (
+    FORMULAS,
+    Centers,
+    calibrate_temperature,
+    entropy_bits,
+    expert_sq_distances,
+    mean_entropy_bits,
+)
+from ensemble.scoring import Intervals, TaskScores, bootstrap_report, score_task
+from ensemble.systems import System, extra_columns, seed_convergence, systems_of, training_compute
 from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
@@ -61,9 +75,58 @@ def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def run_centers(cfg: PipelineConfig) -> tuple[Centers, dict[str, Any]]:
-    """The run's fine centres, fine→coarse map and the cluster manifest."""
+    """The run's fine centres, fine→coarse map, calibrated routing temperature and cluster manifest."""
     fine, coarse, fine_to_coarse, manifest = load_centers(cfg)
-    return Centers(fine.float(), fine_to_coarse.long(), int(coarse.shape[0])), manifest
+    centers = Centers(fine.float(), fine_to_coarse.long(), int(coarse.shape[0]))
+    calibration = routing_calibration(cfg, centers, manifest)
+    return dataclasses.replace(centers, temperature=calibration["temperature"]), manifest
+
+
+def _calibration_sample(cfg: PipelineConfig, size: int) -> np.ndarray:
+    """Up to ``size`` training caption features, drawn (seeded) from at most 64 embed shards."""
+    emanifest = embed_manifest(cfg)
+    files = [cfg.run_dir / "embed" / rel for rel in emanifest.get("outputs", [])]
+    rng = np.random.default_rng([cfg.run.seed, 0xCA1])
+    if len(files) > 64:
+        files = [files[i] for i in sorted(rng.choice(len(files), 64, replace=False))]
+    arrays = [np.load(f, mmap_mode="r") for f in files]
+    total = sum(len(a) for a in arrays)
+    picks = np.sort(rng.choice(total, min(size, total), replace=False)) if total else np.zeros(0, int)
+    bounds = np.cumsum([0] + [len(a) for a in arrays])
+    parts = [np.asarray(a[picks[(picks >= lo) & (picks < hi)] - lo]) for a, lo, hi in zip(arrays, bounds, bounds[1:], strict=False)]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
+
+
+def routing_calibration(cfg: PipelineConfig, centers: Centers, cmanifest: dict[str, Any]) -> dict[str, Any]:
+    """The ``calibrated`` routing's temperature, fitted on training captions (cached per centres).
+
+    Uses only the run's own training captions (the embed stage's features), never eval data.
+    """
+    path = cfg.run_dir / "ensemble" / "calibration.json"
+    key = {
+        "centers": cmanifest.get("centers_digest", ""),
+        "confidence": cfg.ensemble.calibrated_confidence,
+        "samples": cfg.ensemble.calibration_samples,
+        "seed": cfg.run.seed,
+    }
+    if path.is_file():
+        saved = artifacts.read_json(path)
+        if saved.get("key") == key:
+            return saved
+    sample = torch.from_numpy(_calibration_sample(cfg, cfg.ensemble.calibration_samples))
+    if sample.numel() == 0:
+        log.warning("ensemble: no caption features in the embed stage; the routing temperature is fitted on the fine centres")
+        sample = centers.fine
+    d2 = expert_sq_distances(sample, centers.fine, centers.fine_to_coarse, centers.num_experts)
+    two = d2.topk(min(2, centers.num_experts), dim=1, largest=False).values
+    result = {
+        "key": key,
+        "temperature": calibrate_temperature(d2, cfg.ensemble.calibrated_confidence),
+        "num_captions": int(sample.shape[0]),
+        "median_margin": float((two[:, -1] - two[:, 0]).median()) if len(two) else 0.0,
+    }
+    artifacts.write_json(path, result)
+    return result
 
 
 def embed_manifest(cfg: PipelineConfig) -> dict[str, Any]:
@@ -72,11 +135,16 @@ def embed_manifest(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def make_embed(cfg: PipelineConfig) -> Embed:
-    """``embed(texts, templates=None)`` with the caption text model of the run."""
+    """``embed(texts, templates=None)`` with the caption text model of the run (memoised, so the
+    routing formulas compared on one task embed its metadata once)."""
     manifest = embed_manifest(cfg)
+    memo: dict[Any, np.ndarray] = {}
 
     def embed(texts: Sequence[str], templates: Sequence[Any] | None = None) -> np.ndarray:
-        return embed_texts(texts, model_manifest=manifest, templates=templates, device=cfg.ensemble.device)
+        key = (tuple(texts), tuple(t("{c}") for t in templates) if templates else None)
+        if key not in memo:
+            memo[key] = embed_texts(texts, model_manifest=manifest, templates=templates, device=cfg.ensemble.device)
+        return memo[key]
 
     return embed
 
@@ -195,99 +263,98 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
         else:
             evaluated += 1
             samples, skipped = _evaluate_model(cfg, spec, task, evaluator, path, meta)
-    weights, summary = evaluator.route(task, make_embed(cfg), centers, cfg.ensemble)
-    _save_pt(out_dir / "routing.pt", {"weights": weights})
+    weights, summary, alternatives = route_task(cfg, task, evaluator, centers)
+    _save_pt(out_dir / "routing.pt", {"weights": weights, "alternatives": alternatives})
     artifacts.write_json(out_dir / "routing.json", summary)
     if cached:
         skipped["cached_outputs"] = cached
     return {"in": samples, "out": len(specs), "evaluated": evaluated, "skipped": dict(skipped)}
 
 
+def route_task(
+    cfg: PipelineConfig, task: EvalTask, evaluator: ModuleType, centers: Centers
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """The task's weights under the configured formula, its summary (with every formula's mean
+    weights and entropy), and the weights of every formula (for the routing comparison)."""
+    embed = make_embed(cfg)
+    alternatives, summaries = {}, {}
+    for formula in FORMULAS:
+        weights, summary = evaluator.route(task, embed, centers, dataclasses.replace(cfg.ensemble, routing=formula))
+        alternatives[formula], summaries[formula] = weights, summary
+    summary = summaries[cfg.ensemble.routing]
+    summary["entropy_bits"] = entropy_bits(torch.tensor(summary["weights"]))
+    summary["formulas"] = {
+        f: {"weights": v["weights"], "entropy_bits": mean_entropy_bits(alternatives[f])} for f, v in summaries.items()
+    }
+    if cfg.ensemble.routing == "calibrated":
+        summary["temperature"] = centers.temperature
+    return alternatives[cfg.ensemble.routing], summary, alternatives
+
+
 # --------------------------------------------------------------------------- combination
-
-
-def task_systems(
-    evaluator: ModuleType,
-    outputs: dict[str, dict[str, Any]],
-    weights: dict[str, torch.Tensor],
-    num_experts: int,
-) -> dict[str, dict[str, float]]:
-    """Metrics of every system on one task: ``expert-k``, ``all_unit``, ``ensemble`` and ``dense``.
-
-    Args:
-        evaluator: the task's evaluator module.
-        outputs: saved outputs by model name (``expert_<k>``, optionally ``seed``).
-        weights: the task's routing weights (dict of tensors, last dim = expert).
-        num_experts: ``E``.
-    """
-    experts = [outputs[f"expert_{k}"] for k in range(num_experts)]
-    systems = {f"expert-{k}": dict(evaluator.metrics(out)) for k, out in enumerate(experts)}
-    uniform = {key: torch.full_like(w, 1.0 / num_experts) for key, w in weights.items()}
-    systems["all_unit"] = evaluator.combined_metrics(experts, uniform)
-    systems["ensemble"] = evaluator.combined_metrics(experts, weights)
-    if SEED in outputs:
-        systems["dense"] = dict(evaluator.metrics(outputs[SEED]))
-    return systems
-
-
-def report_rows(
-    task: EvalTask, evaluator: ModuleType, systems: dict[str, dict[str, float]], num_experts: int
-) -> list[dict[str, Any]]:
-    """The task's report.csv rows in percent, with ``expert-max`` (best single expert)."""
-    rows = []
-    for spec in evaluator.report_rows(task):
-        row: dict[str, Any] = {"dataset": spec.dataset, "num_classes": spec.num_classes}
-        for system, values in systems.items():
-            row[system] = 100.0 * values[spec.metric]
-        row["expert-max"] = max(row[f"expert-{k}"] for k in range(num_experts))
-        rows.append(row)
-    return rows
 
 
 def _json_value(value: float) -> float | None:
     return None if value != value else value  # NaN (acc5 below 5 classes) → null
 
 
-def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[str, Any]:
-    """Combine the saved outputs with the routing weights; write the report files."""
-    centers, _ = run_centers(cfg)
-    num_experts = centers.num_experts
-    specs = model_specs(cfg, num_experts)
-    has_dense = any(s.name == SEED for s in specs)
-    columns = report.report_columns(num_experts, has_dense)
-    rows: list[dict[str, Any]] = []
-    metric_lines: list[str] = []
-    routing_all: dict[str, Any] = {}
-    metric_tables: dict[str, str] = {}
-    shards = list_shards(cfg, stage_dir)
-    for shard in shards:
+def _score_tasks(cfg: PipelineConfig, stage_dir: Path, systems: dict[str, System]) -> tuple[list[TaskScores], dict]:
+    """Every task's scores (from the saved outputs and routing) and its routing summary."""
+    scored, routing_all = [], {}
+    for shard in list_shards(cfg, stage_dir):
         task = load_task(Path(cfg.data.eval_root) / shard.inputs["task"], shard.inputs["task"])
         evaluator = get_evaluator(shard.inputs["evaluator"])
         out_dir = outputs_dir(stage_dir, task.name)
-        outputs = {s.name: load_outputs(out_dir / f"{s.name}.pt") for s in specs}
-        weights = torch.load(out_dir / "routing.pt", map_location="cpu", weights_only=True)["weights"]
-        systems = task_systems(evaluator, outputs, weights, num_experts)
-        rows += report_rows(task, evaluator, systems, num_experts)
+        names = {m for system in systems.values() for m in system.members}
+        outputs = {name: load_outputs(out_dir / f"{name}.pt") for name in names}
+        saved = torch.load(out_dir / "routing.pt", map_location="cpu", weights_only=True)
+        scored.append(score_task(task, evaluator, outputs, saved["weights"], saved.get("alternatives", {}), systems))
         routing_all[task.name] = artifacts.read_json(out_dir / "routing.json")
-        for system, values in systems.items():
-            for metric, value in values.items():
-                line = {"task": task.name, "system": system, "metric": metric, "value": _json_value(value)}
-                metric_lines.append(json.dumps(line, sort_keys=True))
-        metric_names = list(next(iter(systems.values())))
-        metric_tables[task.name] = report.markdown_table(
-            [{"system": s, **v} for s, v in systems.items()], ["system", *metric_names]
-        )
+    return scored, routing_all
+
+
+def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[str, Any]:
+    """Combine the saved outputs with the routing weights; bootstrap; write the report files."""
+    centers, _ = run_centers(cfg)
+    num_experts = centers.num_experts
+    specs = model_specs(cfg, num_experts)
+    systems = systems_of(num_experts, baseline_systems(cfg, num_experts), any(s.name == SEED for s in specs))
+    columns = report.report_columns(num_experts, extra_columns(systems))
+    scored, routing_all = _score_tasks(cfg, stage_dir, systems)
+    rows = [row for task in scored for row in task.rows]
     table = report.with_average(rows, columns)
-    _write_files(cfg, stage_dir, table, columns, metric_lines, routing_all, metric_tables, specs)
-    files = ["report.csv", "report.md", "routing.json", "metrics.jsonl", "routing_weights.png", "scores.png"]
+    intervals, routed_average = bootstrap_report(scored, cfg.ensemble.bootstrap_resamples, cfg.ensemble.bootstrap_seed)
+    metric_lines = [
+        json.dumps({"task": t.task, "system": system, "metric": metric, "value": _json_value(value)}, sort_keys=True)
+        for t in scored
+        for system, values in t.metrics.items()
+        for metric, value in values.items()
+    ]
+    metric_tables = {
+        t.task: report.markdown_table(
+            [{"system": s, **v} for s, v in t.metrics.items()], ["system", *next(iter(t.metrics.values()))]
+        )
+        for t in scored
+    }
+    context = {
+        "compute": training_compute(train_dir(cfg), systems),
+        "convergence": seed_convergence(train_dir(cfg) / SEED),
+        "routed_average": routed_average,
+        "temperature": centers.temperature,
+        "average": table[-1],
+    }
+    _write_files(cfg, stage_dir, table, columns, metric_lines, routing_all, metric_tables, specs, intervals, context)
+    files = ["report.csv", "report_ci.csv", "report_paired.csv", "report.md", "routing.json", "metrics.jsonl"]
+    files += ["routing_weights.png", "scores.png"]
     if (stage_dir / "cluster_sizes.png").is_file():
         files.append("cluster_sizes.png")
     return {
         "outputs": files,
-        "tasks": [s.name for s in shards],
+        "tasks": [t.task for t in scored],
         "models": [s.name for s in specs],
         "routing": cfg.ensemble.routing,
         "average": table[-1],
+        "verdicts": {r["baseline"]: r["verdict"] for r in intervals.paired_rows if r["dataset"] == report.AVERAGE},
     }
 
 
@@ -312,13 +379,19 @@ def _write_files(
     routing_all: dict[str, Any],
     metric_tables: dict[str, str],
     specs: list[ModelSpec],
+    intervals: Intervals,
+    context: dict[str, Any],
 ) -> None:
     artifacts.write_text(stage_dir / "report.csv", report.csv_text(table, columns))
+    ci_columns = ["dataset", "system", "score", "ci_low", "ci_high", "items"]
+    artifacts.write_text(stage_dir / "report_ci.csv", report.csv_text(intervals.ci_rows, ci_columns))
+    paired_columns = ["dataset", "baseline", "difference", "ci_low", "ci_high", "verdict"]
+    artifacts.write_text(stage_dir / "report_paired.csv", report.csv_text(intervals.paired_rows, paired_columns))
     artifacts.write_text(stage_dir / "metrics.jsonl", "\n".join(metric_lines) + "\n")
     artifacts.write_json(stage_dir / "routing.json", routing_all)
     labels, weights = _heatmap_rows(routing_all)
     report.plot_routing(stage_dir / "routing_weights.png", labels, weights)
-    report.plot_scores(stage_dir / "scores.png", table[:-1], columns)
+    report.plot_scores(stage_dir / "scores.png", table[:-1], columns, intervals.ci_rows)
     images = [p for p in [report.copy_cluster_plot(cfg.run_dir, stage_dir)] if p]
     images += ["routing_weights.png", "scores.png"]
     routing_rows = [
@@ -329,6 +402,7 @@ def _write_files(
             "mean_dist": s["mean_dist"],
             "weights": s["weights"],
             "entropy_bits": entropy_bits(torch.tensor(s["weights"])),
+            "formulas": s.get("formulas", {}),
         }
         for task, s in routing_all.items()
     ]
@@ -336,11 +410,14 @@ def _write_files(
         run=cfg.run.name,
         formula=cfg.ensemble.routing,
         image_routing=cfg.ensemble.retrieval_image_routing,
-        models=[s.column for s in specs],
+        models=[s.name for s in specs],
         table=report.markdown_table(table, columns),
         routing_rows=routing_rows,
         metric_tables=metric_tables,
         images=images,
+        intervals=intervals,
+        context=context,
+        resamples=cfg.ensemble.bootstrap_resamples,
     )
     artifacts.write_text(stage_dir / "report.md", text)
 

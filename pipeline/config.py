@@ -258,11 +258,20 @@ class TrainConfig:
     """Copy the teacher's shape-matching parameters into the student first."""
     lock_logit_scale: bool = False
     """Freeze the logit scale."""
+    baselines: list[str] = field(default_factory=lambda: ["dense"])
+    """Baselines trained beside the experts (docs/ensemble.md): ``dense`` (the seed continued on
+    all pairs to ``steps``), ``dense_equal_compute`` (one model, the experts' total steps),
+    ``random_split`` (experts on a random partition of the cluster sizes), ``full_ensemble`` (E
+    dense continuations with different data orders)."""
     device: str = "auto"
     """``auto``: this rank's GPU when present, else CPU."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "steps", "save_every", "log_every", "keep_last")
+        known = ("dense", "dense_equal_compute", "random_split", "full_ensemble")
+        for name in self.baselines:
+            if name not in known:
+                raise ConfigError(f"train.baselines: unknown baseline '{name}' (known: {', '.join(known)})")
         if not 0 <= self.seed_steps <= self.steps:
             raise ConfigError(f"train.seed_steps: {self.seed_steps} not in [0, train.steps]")
         if not 0.0 <= self.ooc_ratio <= 1.0:
@@ -284,8 +293,15 @@ class EnsembleConfig:
     """Eval task names (empty = every task folder under data.eval_root)."""
     evaluators: list[str] = field(default_factory=lambda: ["zeroshot", "retrieval"])
     """Evaluator modules in ``ensemble/evaluators`` run on each task."""
-    routing: Literal["code", "paper"] = "code"
-    """MoDE weight formula: ``code`` (post_report_ensemble.py, default) or ``paper`` (§3.4)."""
+    routing: Literal["code", "paper", "calibrated"] = "calibrated"
+    """Routing formula: ``calibrated`` (default: soft votes with a temperature fitted on the run's
+    training captions, see docs/ensemble.md), MoDE's ``code`` (post_report_ensemble.py) or ``paper`` (§3.4)."""
+    calibrated_confidence: float = 0.9
+    """``calibrated``: a training caption with the median expert margin votes at least this much for its expert."""
+    calibrated_prior: float = 1.0
+    """``calibrated``: mass of the uniform Dirichlet prior added to the soft votes (> 0)."""
+    calibration_samples: int = 20000
+    """``calibrated``: training captions sampled (seeded) from the embed stage to fit the temperature."""
     smooth_weight: list[float] = field(default_factory=lambda: [5.0, 8.0])
     """MoDE code formula constants: [alpha scale 5.0, softmax temperature 8.0]."""
     too_many_class: int = 200
@@ -299,6 +315,19 @@ class EnsembleConfig:
     """Images per evaluation batch."""
     device: str = "auto"
     """``auto``: GPU when present."""
+    bootstrap_resamples: int = 1000
+    """Bootstrap resamples of the eval items for the 95% intervals (report_ci.csv; 0 = none)."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap resampling."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "calibration_samples")
+        if not 0.0 < self.calibrated_confidence < 1.0:
+            raise ConfigError(f"ensemble.calibrated_confidence: {self.calibrated_confidence} not in (0, 1)")
+        if self.calibrated_prior <= 0:
+            raise ConfigError(f"ensemble.calibrated_prior: must be > 0, got {self.calibrated_prior}")
+        if self.bootstrap_resamples < 0:
+            raise ConfigError(f"ensemble.bootstrap_resamples: must be >= 0, got {self.bootstrap_resamples}")
 
 
 @dataclass(kw_only=True)

@@ -6,8 +6,8 @@
   completion record). prep tasks are CPU-only; embed/assign tasks get one GPU.
 * ``cluster``, ``ensemble``: one single-GPU job.
 * ``train``: one job of ``nodes`` x ``gpus_per_node`` tasks (one DDP rank per task); ``--expert all``
-  is an array with one such job per unfinished expert, after the seed job (``afterok``) when the
-  seed is not trained yet.
+  is an array with one such job per unfinished expert and baseline run (``train.baselines``), after
+  the seed job (``afterok``) when the seed is not trained yet.
 
 Every task is a :class:`submitit.helpers.Checkpointable`: on preemption or time limit submitit
 requeues it with the same arguments. A requeued stage task reruns its range and its completion
@@ -514,8 +514,9 @@ def _refuse_if_active(folder: Path, stage: str) -> None:
 
 
 def expert_dir(cfg: PipelineConfig, expert: str) -> Path:
-    """``<run>/train/seed`` or ``<run>/train/expert_<k>``."""
-    return cfg.run_dir / "train" / ("seed" if expert == "seed" else f"expert_{expert}")
+    """``<run>/train/seed``, ``<run>/train/expert_<k>`` or ``<run>/train/<baseline run>``."""
+    name = f"expert_{expert}" if expert.isdigit() else expert
+    return cfg.run_dir / "train" / name
 
 
 def train_runs(cfg: PipelineConfig) -> dict[str, str]:
@@ -539,14 +540,11 @@ def train_runs(cfg: PipelineConfig) -> dict[str, str]:
     return runs
 
 
-def _experts(expert: str, n: int) -> list[str]:
-    if expert == "seed":
-        return []
-    if expert == "all":
-        return [str(k) for k in range(n)]
-    if not expert.isdigit() or int(expert) >= n:
-        raise ConfigError(f"--expert {expert}: expected 'seed', 'all' or an index in [0, {n})")
-    return [str(int(expert))]
+def _experts(cfg: PipelineConfig, expert: str, n: int) -> list[str]:
+    """Runs after the seed that ``--expert`` asks for, as ``train_runs`` names them ("0", "dense", ...)."""
+    from training.runs import SEED, parse_targets
+
+    return [name.removeprefix("expert_") for name in parse_targets(cfg, expert, n) if name != SEED]
 
 
 def submit_train(
@@ -580,12 +578,12 @@ def submit_train(
         The submitted jobs, seed first (empty for a dry run or when there is nothing to submit).
     """
     runs = train_runs(cfg)
-    wanted = _experts(expert, sum(1 for name in runs if name != "seed"))
+    wanted = _experts(cfg, expert, sum(1 for name in runs if name.isdigit()))
     seed_resume = resume if expert in ("seed", "all") else "latest"
-    experts = [k for k in wanted if resume != "latest" or runs[k] != "done"]
+    experts = [k for k in wanted if resume != "latest" or runs.get(k) != "done"]
     run_seed = "seed" in runs and (expert == "seed" or bool(experts))
     run_seed = run_seed and (seed_resume != "latest" or runs["seed"] != "done")
-    stale = [k for k in experts if runs[k] == "stale" and resume == "latest"]
+    stale = [k for k in experts if runs.get(k) == "stale" and resume == "latest"]
     if run_seed and runs["seed"] == "stale" and seed_resume == "latest":
         stale.insert(0, "seed")
     if stale:

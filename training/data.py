@@ -61,6 +61,8 @@ from training import models
 log = logging.getLogger("training")
 
 _SHARDS, _OOC, _WINDOW, _CAPTION, _AUGMENT = range(5)  # independent RNG streams
+VARIANT_SEED_STRIDE = 1000
+"""Data seed of order variant ``k`` (``full_ensemble_<k>``): ``run.seed + k * VARIANT_SEED_STRIDE``."""
 _MAX_EMPTY_EPOCHS = 1000
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(images [b, 3, H, W] float, tokens [b, context] int64, pair ids [b] int64)."""
@@ -146,12 +148,16 @@ def _read_table(path: str, expert: int | None) -> tuple[np.ndarray, list[str], n
     return ids, keys, table.column("coarse").to_numpy() == expert
 
 
-def load_expert_data(cfg: PipelineConfig, expert: int | None) -> ExpertData:
-    """Read prep's pair-id index (and assign's cluster tables for an expert).
+def load_expert_data(
+    cfg: PipelineConfig, expert: int | None, partition: str = "assign", data_variant: int = 0
+) -> ExpertData:
+    """Read prep's pair-id index (and the coarse-label tables for an expert).
 
     Args:
         cfg: Pipeline config (run folder, seed, ``train.ooc_ratio``, prep member keys).
-        expert: Coarse cluster id, or None for the seed model.
+        expert: Coarse cluster id, or None for a dense run (every pair).
+        partition: ``assign`` (the clusters) or ``random_split`` (the baseline's random partition).
+        data_variant: > 0 gives another data order of the same pairs (``full_ensemble_<k>``).
 
     Raises:
         FileNotFoundError: prep (or assign) has not finished.
@@ -165,7 +171,7 @@ def load_expert_data(cfg: PipelineConfig, expert: int | None) -> ExpertData:
         raise StageError(
             f"train: only tar shards can be trained on, got {non_tar[0]} ({len(non_tar)} non-tar shard(s))"
         )
-    tables = _expert_tables(cfg, expert) if expert is not None else None
+    tables = _expert_tables(cfg, expert, partition) if expert is not None else None
     shards = []
     for row in index:
         if row["count"] == 0:
@@ -186,7 +192,7 @@ def load_expert_data(cfg: PipelineConfig, expert: int | None) -> ExpertData:
         tuple(shards),
         expert,
         cfg.train.ooc_ratio,
-        cfg.run.seed,
+        cfg.run.seed + data_variant * VARIANT_SEED_STRIDE,
         num_pairs,
         tuple(cfg.prep.image_keys),
         tuple(cfg.prep.caption_keys),
@@ -202,11 +208,15 @@ def num_experts(cfg: PipelineConfig) -> int:
     return cfg.cluster.num_experts
 
 
-def _expert_tables(cfg: PipelineConfig, expert: int) -> dict[str, str]:
+def _expert_tables(cfg: PipelineConfig, expert: int, partition: str = "assign") -> dict[str, str]:
     assign_dir = cfg.run_dir / "assign"
     manifest = read_manifest(assign_dir, "assign")
     if not 0 <= expert < int(manifest["num_experts"]):
         raise ConfigError(f"--expert {expert}: the run has experts 0..{int(manifest['num_experts']) - 1}")
+    if partition == "random_split":
+        from training.partition import ensure_random_partition
+
+        return ensure_random_partition(cfg)
     return {Path(rel).stem: str(assign_dir / rel) for rel in manifest["outputs"]}
 
 

@@ -88,7 +88,7 @@ class RunSpec:
     """One training run: the seed model or an expert, and its span of the shared schedule."""
 
     name: str
-    """``seed`` or ``expert_<k>``."""
+    """``seed``, ``expert_<k>`` or a baseline run (``dense``, ``random_split_<k>``, ...)."""
     expert: int | None
     run_dir: Path
     start_step: int
@@ -96,6 +96,12 @@ class RunSpec:
     end_step: int
     branch_from: Path | None = None
     """Seed checkpoint an expert starts from (model, optimizer, scaler, loss state)."""
+    partition: str = "assign"
+    """Which coarse labels select an expert's pairs: ``assign`` (the clusters) or ``random_split``."""
+    data_variant: int = 0
+    """Another data order of the same pairs (``full_ensemble_<k>``); 0 = the run seed's order."""
+    schedule_steps: int | None = None
+    """Horizon of the cosine schedule when it is not ``train.steps`` (``dense_equal_compute``)."""
 
 
 @dataclass

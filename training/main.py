@@ -13,8 +13,9 @@ Data-parallel (NCCL on GPU, gloo on CPU; SLURM's srun environment works too)::
 Schedule (MoDE): the seed run trains steps ``[0, seed_steps)`` on all pairs into
 ``<run>/train/seed/``; expert ``k`` starts from the seed checkpoint at ``seed_steps`` (model,
 optimizer, scaler, loss state; not the data position) and continues the same cosine schedule to
-``train.steps`` on its cluster's pairs, in ``<run>/train/expert_<k>/``. A finished run (``final.pt``
-and ``manifest.json`` with the same config) is skipped.
+``train.steps`` on its cluster's pairs, in ``<run>/train/expert_<k>/``. The baselines of
+``train.baselines`` (``dense`` by default; see :mod:`training.runs`) are runs of the same kind. A
+finished run (``final.pt`` and ``manifest.json`` with the same config) is skipped.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pipeline.config import (
 )
 from pipeline.runner import StageError
 from training import checkpoint as ckpt
+from training import runs
 from training.data import num_experts
 from training.dist import DistContext, barrier, broadcast_object, init_distributed, set_cpu_threads
 from training.loop import RunSpec
@@ -61,6 +63,7 @@ OPERATIONAL_KEYS = frozenset(
         "eval_tasks",
         "device",
         "grad_checkpointing",
+        "baselines",
     }
 )
 """Train keys that do not change what a run computes (changing them never invalidates a run)."""
@@ -69,26 +72,14 @@ OPERATIONAL_KEYS = frozenset(
 # --------------------------------------------------------------------------- runs and their identity
 
 
-def train_dir(cfg: PipelineConfig) -> Path:
-    """``<run>/train``."""
-    return cfg.run_dir / "train"
-
-
 def seed_spec(cfg: PipelineConfig) -> RunSpec:
     """The dense seed run: steps ``[0, seed_steps)`` on every pair."""
-    return RunSpec("seed", None, train_dir(cfg) / "seed", 0, cfg.train.seed_steps)
-
-
-def expert_spec(cfg: PipelineConfig, expert: int, branch_from: Path | None = None) -> RunSpec:
-    """Expert ``k``: steps ``[seed_steps, steps)`` (``[0, steps)`` without a seed model)."""
-    start = cfg.train.seed_steps if cfg.train.seed_steps > 0 else 0
-    return RunSpec(
-        f"expert_{expert}", expert, train_dir(cfg) / f"expert_{expert}", start, cfg.train.steps, branch_from
-    )
+    return runs.spec_for(cfg, runs.SEED, 0)
 
 
 def run_identity(cfg: PipelineConfig, spec: RunSpec) -> dict[str, Any]:
     """The config values (and upstream artifacts) that define what a run computes."""
+    cfg = runs.config_for(cfg, spec)
     train = {k: v for k, v in to_jsonable(cfg.train).items() if k not in OPERATIONAL_KEYS}
     if spec.expert is None:
         train.pop("ooc_ratio")
@@ -101,6 +92,8 @@ def run_identity(cfg: PipelineConfig, spec: RunSpec) -> dict[str, Any]:
     }
     if spec.expert is not None:
         identity["assign"] = read_manifest(cfg.run_dir / "assign", "assign")["config_hash"]
+    if spec.name not in (runs.SEED, runs.expert_name(spec.expert or 0)):
+        identity["run"] = {"name": spec.name, "partition": spec.partition, "variant": spec.data_variant}
     return identity
 
 
@@ -116,8 +109,8 @@ def _changed(saved: dict[str, Any], now: dict[str, Any]) -> str:
     return ", ".join(keys[:8]) or "unknown"
 
 
-def seed_checkpoint(cfg: PipelineConfig, expert: int) -> Path | None:
-    """The seed checkpoint expert ``expert`` branches from (None when ``seed_steps`` is 0).
+def seed_checkpoint(cfg: PipelineConfig, name: str) -> Path | None:
+    """The seed checkpoint run ``name`` branches from (None when ``seed_steps`` is 0).
 
     Raises:
         StageError: the seed run is missing, unfinished or was made with another config.
@@ -129,7 +122,7 @@ def seed_checkpoint(cfg: PipelineConfig, expert: int) -> Path | None:
     identity = run_identity(cfg, spec)
     if done is None:
         raise StageError(
-            f"train/expert_{expert} starts from the seed model at step {cfg.train.seed_steps}, which is not trained: "
+            f"train/{name} starts from the seed model at step {cfg.train.seed_steps}, which is not trained: "
             f"run `python -m pipeline train --expert seed` first (or --expert all)"
         )
     if done.get("config_hash") != config_hash(identity):
@@ -224,7 +217,7 @@ def _finalize(
 def _export_branch_only(
     cfg: PipelineConfig, spec: RunSpec, ctx: DistContext, restore: Restore, identity: dict[str, Any]
 ) -> dict[str, Any]:
-    """An expert with no steps of its own (seed_steps == steps) is the seed model."""
+    """A run with no steps of its own (seed_steps == steps) is the seed model."""
     bundle = create_model(cfg.train.model, "", "cpu")
     if restore.state is not None:
         bundle.model.load_state_dict(restore.state["model"])
@@ -293,6 +286,7 @@ def train_run(
 ) -> dict[str, Any]:
     """Train (or skip, or resume) one run; returns ``{"run", "state", "step"}``."""
     identity = run_identity(cfg, spec)
+    cfg = runs.config_for(cfg, spec)
     skipped = _skip_finished(spec, ctx, resume, identity)
     if skipped is not None:
         return skipped
@@ -309,13 +303,11 @@ def train_run(
 # --------------------------------------------------------------------------- entry points
 
 
-def _parse_expert(cfg: PipelineConfig, expert: str | int) -> list[str | int]:
-    if expert in ("seed", "all"):
-        return ["seed", *range(num_experts(cfg))] if expert == "all" else ["seed"]
-    try:
-        return [int(expert)]
-    except ValueError:
-        raise ConfigError(f"--expert {expert}: expected an expert index, 'seed' or 'all'") from None
+def _spec(cfg: PipelineConfig, name: str, num_experts: int) -> RunSpec:
+    spec = runs.spec_for(cfg, name, num_experts)
+    if runs.branches_from_seed(spec, cfg):
+        return runs.spec_for(cfg, name, num_experts, seed_checkpoint(cfg, name))
+    return spec
 
 
 def train_experts(
@@ -326,11 +318,13 @@ def train_experts(
     progress: bool = True,
     stop_at_step: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Train the seed model, one expert, or the seed and then every expert.
+    """Train the seed model, experts and baselines (see :mod:`training.runs` for the names).
 
     Args:
         cfg: Pipeline config (``train`` and ``loss`` sections; prep and assign must have run).
-        expert: ``"seed"``, ``"all"`` (seed first when missing, then experts 0..E-1) or an index.
+        expert: ``"seed"``, an expert index, ``"experts"``, a baseline (``"dense"``,
+            ``"random_split"``, ``"random_split_2"``...), ``"baselines"`` or ``"all"`` (the seed,
+            every expert, then the configured baselines). Checked before anything is written.
         resume: ``latest`` (continue from the newest checkpoint; skip finished runs), ``none``
             (start over) or a checkpoint path (single run only).
         progress: tqdm bar on rank 0.
@@ -340,28 +334,22 @@ def train_experts(
     Returns:
         One ``{"run", "state", "step"}`` per run (state ``done``, ``partial`` or ``skipped``).
     """
-    targets = _parse_expert(cfg, expert)
+    e = num_experts(cfg)
+    targets = runs.parse_targets(cfg, expert, e)
     if resume not in ("latest", "none") and len(targets) > 1:
-        raise ConfigError("--resume <path> needs a single run (--expert seed or an index)")
+        raise ConfigError("--resume <path> needs a single run (--expert seed, an index or one baseline run)")
     ctx = init_distributed(cfg.train.device)
     set_cpu_threads(ctx, cfg.train.workers)
     results = []
     for target in targets:
-        if target == "seed":
-            if cfg.train.seed_steps == 0:
-                if ctx.is_main and expert == "seed":
-                    print("train/seed: nothing to do (train.seed_steps is 0: experts start from scratch)")
-                continue
-            results.append(
-                train_run(
-                    cfg, seed_spec(cfg), ctx, resume=resume, progress=progress, stop_at_step=stop_at_step
-                )
-            )
-            if results[-1]["state"] == "partial":
-                break
+        if target == runs.SEED and cfg.train.seed_steps == 0:
+            if ctx.is_main and str(expert) == runs.SEED:
+                print("train/seed: nothing to do (train.seed_steps is 0: experts start from scratch)")
             continue
-        spec = expert_spec(cfg, int(target), seed_checkpoint(cfg, int(target)))
+        spec = _spec(cfg, target, e)
         results.append(train_run(cfg, spec, ctx, resume=resume, progress=progress, stop_at_step=stop_at_step))
+        if target == runs.SEED and results[-1]["state"] == "partial":
+            break
     return results
 
 
@@ -369,11 +357,12 @@ def training_status(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """One status row per run: ``{"stage": "train/expert_0", "state", "shards_done", "shards_total"}``.
 
     ``shards_done`` / ``shards_total`` are steps (the latest checkpoint / the run's last step).
+    Rows: the seed, every expert and every configured baseline run.
     """
-    specs = [seed_spec(cfg)] if cfg.train.seed_steps > 0 else []
-    specs += [expert_spec(cfg, k) for k in range(num_experts(cfg))]
+    e = num_experts(cfg)
     rows = []
-    for spec in specs:
+    for name in runs.run_names(cfg, e):
+        spec = runs.spec_for(cfg, name, e)
         done = _finished(spec)
         latest = ckpt.list_checkpoints(spec.run_dir)
         row = {"stage": f"train/{spec.name}", "shards_total": spec.end_step}
@@ -417,7 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m training.main`` (torchrun form of ``python -m pipeline train``)."""
     p = argparse.ArgumentParser(prog="torchrun ... -m training.main", description=__doc__.split("\n")[0])
     add_config_args(p, default=None)
-    p.add_argument("--expert", default="0", help="expert index, 'seed' or 'all' (default 0)")
+    p.add_argument(
+        "--expert",
+        default="0",
+        help="expert index, 'seed', 'experts', a baseline (dense, random_split, ...), 'baselines' or 'all' (default 0)",
+    )
     p.add_argument("--resume", default="latest", help="'latest' (default), 'none' or a checkpoint path")
     p.add_argument("--stop-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -268,7 +268,7 @@ def build_trainer(
         progress: Show a progress bar on rank 0.
     """
     precision = resolve_precision(cfg.train.precision, ctx.device)
-    data = load_expert_data(cfg, spec.expert)
+    data = load_expert_data(cfg, spec.expert, spec.partition, spec.data_variant)
     opt = build_optimisation(cfg, ctx, data, precision, restore)
     state = initial_state(spec, restore)
     batches, layout = build_batches(cfg, spec, ctx, opt.bundle, data, state.batches, restore)

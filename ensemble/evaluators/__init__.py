@@ -22,7 +22,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ensemble.routing import RoutingParams
+from ensemble.routing import Centers, RoutingParams
 from pipeline.config import EnsembleConfig
 
 EVALUATORS = {
@@ -61,9 +61,12 @@ def evaluator_for(kind: str, names: Sequence[str]) -> ModuleType | None:
     return None
 
 
-def routing_params(ecfg: EnsembleConfig) -> RoutingParams:
-    """The routing formula and its constants from the ensemble config."""
+def routing_params(ecfg: EnsembleConfig, centers: Centers | None = None) -> RoutingParams:
+    """The routing formula and its constants from the ensemble config (and the run's calibration)."""
     sw = tuple(float(x) for x in ecfg.smooth_weight)
     if len(sw) != 2:
         raise ValueError(f"ensemble.smooth_weight: expected 2 numbers, got {list(ecfg.smooth_weight)}")
-    return RoutingParams(ecfg.routing, (sw[0], sw[1]), ecfg.too_many_class, ecfg.paper_lambda)
+    temperature = centers.temperature if centers is not None else None
+    return RoutingParams(
+        ecfg.routing, (sw[0], sw[1]), ecfg.too_many_class, ecfg.paper_lambda, temperature, ecfg.calibrated_prior
+    )

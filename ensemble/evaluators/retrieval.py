@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
+from ensemble import routing
 from ensemble.datasets import EvalTask, iter_retrieval, retrieval_texts
 from ensemble.evaluators import Embed, ReportRow, routing_params
 from ensemble.models import ClipBundle
-from ensemble.routing import Centers, grouped_weights, nearest_fine
+from ensemble.routing import Centers
+from ensemble.stats import ItemScores
 from pipeline.config import EnsembleConfig
 
 NAME = "retrieval"
@@ -57,15 +59,16 @@ def evaluate(
     }
 
 
-def _recalls(
+def _hits(
     queries: Sequence[torch.Tensor],
     gallery: Sequence[torch.Tensor],
     weights: torch.Tensor,
     positive: torch.Tensor,
     query_is_text: bool,
     ks: Sequence[int],
-) -> dict[int, float]:
-    """Recall@k of weighted similarity rows, computed ``CHUNK`` queries at a time.
+) -> torch.Tensor:
+    """``[num_queries, len(ks)]`` bool: query hit at k, from similarity rows weighted per query and
+    computed ``CHUNK`` queries at a time.
 
     ``positive`` is ``text_image``: for text queries the positive of query ``t`` is image
     ``positive[t]``; for image queries the positives of image ``i`` are the captions ``t`` with
@@ -75,7 +78,7 @@ def _recalls(
     if num_queries == 0 or num_gallery == 0:
         raise ValueError("retrieval: no images or captions to score")
     kmax = min(max(ks), num_gallery)
-    hits = torch.zeros(len(ks), dtype=torch.long)
+    out = torch.zeros(num_queries, len(ks), dtype=torch.bool)
     for lo in range(0, num_queries, CHUNK):
         hi = min(lo + CHUNK, num_queries)
         scores = sum(
@@ -88,8 +91,25 @@ def _recalls(
         else:
             hit = positive[top] == torch.arange(lo, hi)[:, None]
         for j, k in enumerate(ks):
-            hits[j] += int(hit[:, :k].any(dim=1).sum())
-    return {k: float(hits[j]) / num_queries for j, k in enumerate(ks)}
+            out[lo:hi, j] = hit[:, :k].any(dim=1)
+    return out
+
+
+def _all_hits(
+    outputs_list: Sequence[dict[str, Any]],
+    text_weights: torch.Tensor,
+    image_weights: torch.Tensor,
+    ks: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    text_image = outputs_list[0]["text_image"]
+    for out in outputs_list[1:]:
+        if not torch.equal(out["text_image"], text_image):
+            raise ValueError("retrieval: models were scored on different samples; rerun the ensemble with --force")
+    texts = [o["text_features"] for o in outputs_list]
+    images = [o["image_features"] for o in outputs_list]
+    t2i = _hits(texts, images, text_weights, text_image, True, ks)
+    i2t = _hits(images, texts, image_weights, text_image, False, ks)
+    return t2i, i2t
 
 
 def retrieval_metrics(
@@ -106,16 +126,17 @@ def retrieval_metrics(
         image_weights: ``[Ni, E]`` weights of every image query (image→text).
         ks: the recall cut-offs.
     """
-    text_image = outputs_list[0]["text_image"]
-    for out in outputs_list[1:]:
-        if not torch.equal(out["text_image"], text_image):
-            raise ValueError("retrieval: models were scored on different samples; rerun the ensemble with --force")
-    texts = [o["text_features"] for o in outputs_list]
-    images = [o["image_features"] for o in outputs_list]
-    t2i = _recalls(texts, images, text_weights, text_image, True, ks)
-    i2t = _recalls(images, texts, image_weights, text_image, False, ks)
-    out = {f"image_retrieval_recall@{k}": v for k, v in t2i.items()}
-    out.update({f"text_retrieval_recall@{k}": v for k, v in i2t.items()})
+    t2i, i2t = _all_hits(outputs_list, text_weights, image_weights, ks)
+    out = {f"image_retrieval_recall@{k}": float(t2i[:, j].double().mean()) for j, k in enumerate(ks)}
+    out.update({f"text_retrieval_recall@{k}": float(i2t[:, j].double().mean()) for j, k in enumerate(ks)})
+    return out
+
+
+def item_scores(outputs_list: Sequence[dict[str, Any]], weights: dict[str, torch.Tensor]) -> dict[str, ItemScores]:
+    """Per-query hits (caption queries for ``image_retrieval_*``, image queries for ``text_retrieval_*``)."""
+    t2i, i2t = _all_hits(outputs_list, weights["text"], weights["image"], RECALL_KS)
+    out = {f"image_retrieval_recall@{k}": ItemScores(t2i[:, j].double().numpy()) for j, k in enumerate(RECALL_KS)}
+    out.update({f"text_retrieval_recall@{k}": ItemScores(i2t[:, j].double().numpy()) for j, k in enumerate(RECALL_KS)})
     return out
 
 
@@ -140,15 +161,19 @@ def route(
     per_image = retrieval_texts(task)
     texts = [t for captions in per_image for t in captions]
     text_image = torch.tensor([i for i, caps in enumerate(per_image) for _ in caps], dtype=torch.long)
-    dist, fine = nearest_fine(torch.from_numpy(embed(texts)), centers.fine)
-    expert = centers.fine_to_coarse.long()[fine]
-    params = routing_params(ecfg)
+    features = torch.from_numpy(embed(texts))
+    params = routing_params(ecfg, centers)
     e, num_texts, num_images = centers.num_experts, len(texts), len(per_image)
-    text_w = grouped_weights(dist, expert, e, params, torch.arange(num_texts), num_texts)
+
+    def weights(group: torch.Tensor | None, groups: int | None) -> routing.Routing:
+        return routing.route(features, centers.fine, centers.fine_to_coarse, params, group, groups, e)
+
+    per_text = weights(torch.arange(num_texts), num_texts)
+    text_w, dist, expert = per_text.weights, per_text.dist, per_text.expert
     if ecfg.retrieval_image_routing == "captions":
-        image_w = grouped_weights(dist, expert, e, params, text_image, num_images)
+        image_w = weights(text_image, num_images).weights
     else:
-        image_w = grouped_weights(dist, expert, e, params, None, 1).expand(num_images, e).contiguous()
+        image_w = weights(None, None).weights.expand(num_images, e).contiguous()
     summary = {
         "kind": TASK_KIND,
         "formula": ecfg.routing,

@@ -21,6 +21,7 @@ from ensemble.datasets import EvalTask, fill_template, iter_classification
 from ensemble.evaluators import Embed, ReportRow, routing_params
 from ensemble.models import ClipBundle
 from ensemble.routing import Centers
+from ensemble.stats import ItemScores
 from pipeline.config import EnsembleConfig
 
 NAME = "zeroshot"
@@ -71,6 +72,25 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
     }
 
 
+def item_scores(outputs_list: Sequence[dict[str, Any]], weights: dict[str, torch.Tensor]) -> dict[str, ItemScores]:
+    """Per-image scores of the combined logits, one :class:`ItemScores` per metric (for intervals).
+
+    ``acc1`` / ``acc5``: 1 when the target is in the top 1 / 5 (acc5 is None below 5 classes);
+    ``mean_per_class_recall``: the top-1 hits grouped by target class.
+    """
+    logits = combine(outputs_list, weights["task"])
+    targets = outputs_list[0]["targets"]
+    order = logits.argsort(dim=1, descending=True, stable=True)
+    correct = (order == targets[:, None]).double()
+    top1 = correct[:, 0].numpy()
+    acc5 = correct[:, :5].sum(dim=1).numpy() if logits.shape[1] >= 5 else None
+    return {
+        "acc1": ItemScores(top1),
+        "acc5": ItemScores(acc5) if acc5 is not None else None,
+        "mean_per_class_recall": ItemScores(top1, targets.numpy()),
+    }
+
+
 def metrics(outputs: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """The metrics of one model's outputs."""
     yield from classification_metrics(outputs["logits"].float(), outputs["targets"]).items()
@@ -98,7 +118,7 @@ def route(
     templates = [lambda c, t=t: fill_template(t, c) for t in task.templates]
     features = torch.from_numpy(embed(list(task.classnames), templates=templates))
     result = routing.route(
-        features, centers.fine, centers.fine_to_coarse, routing_params(ecfg), num_experts=centers.num_experts
+        features, centers.fine, centers.fine_to_coarse, routing_params(ecfg, centers), num_experts=centers.num_experts
     )
     weights = result.weights[0]
     summary = {

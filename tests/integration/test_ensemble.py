@@ -57,7 +57,7 @@ def _write_run(run: Path) -> None:
     torch.save({"center": fine}, cdir / "fine_centers.pth")
     torch.save({"coarse": coarse, "assign": assign}, cdir / "coarse.pth")
     (cdir / "manifest.json").write_text(json.dumps({"stage": "cluster", "centers_digest": "fake", "num_experts": 2}))
-    for name, seed in (("expert_0", 0), ("expert_1", 1), ("seed", 2)):
+    for name, seed in (("expert_0", 0), ("expert_1", 1), ("seed", 2), ("dense", 3)):
         _save_model(run / "train" / name / "final.pt", seed)
 
 
@@ -105,7 +105,7 @@ def test_stage_end_to_end_rerun_and_routing_change(run_cfg):
     assert first["ran"] == 2
     manifest = first["manifest"]
     assert manifest["tasks"] == ["digits", "retrieval"]
-    assert manifest["models"] == ["expert_0", "expert_1", "seed"]
+    assert manifest["models"] == ["expert_0", "expert_1", "dense", "seed"]
     sdir = cfg.run_dir / "ensemble"
     for model in manifest["models"]:
         saved = torch.load(sdir / "outputs" / "digits" / f"{model}.pt", weights_only=True)
@@ -117,7 +117,7 @@ def test_stage_end_to_end_rerun_and_routing_change(run_cfg):
 
     rows = _report(cfg)
     assert list(rows[0]) == [
-        "dataset", "num_classes", "expert-0", "expert-1", "expert-max", "all_unit", "ensemble", "dense",
+        "dataset", "num_classes", "expert-0", "expert-1", "expert-max", "all_unit", "ensemble", "seed", "dense",
     ]
     assert [r["dataset"] for r in rows] == ["digits", "retrieval/image_r@1", "retrieval/text_r@1", "average"]
     assert rows[0]["num_classes"] == "3" and rows[1]["num_classes"] == ""
@@ -133,6 +133,18 @@ def test_stage_end_to_end_rerun_and_routing_change(run_cfg):
     assert {"task": "digits", "system": "ensemble", "metric": "acc5", "value": None} in lines
     for name in ("report.md", "routing_weights.png", "scores.png"):
         assert (sdir / name).is_file()
+    with (sdir / "report_ci.csv").open() as fh:
+        ci = {(r["dataset"], r["system"]): r for r in csv.DictReader(fh)}
+    for system in ("ensemble", "dense", "seed", "all_unit", "ensemble@code", "ensemble@paper", "ensemble@calibrated"):
+        row = ci[("average", system)]
+        assert float(row["ci_low"]) <= float(row["score"]) <= float(row["ci_high"])
+    assert ci[("digits", "ensemble")]["items"] == "6" and ci[("retrieval/image_r@1", "dense")]["items"] == "8"
+    with (sdir / "report_paired.csv").open() as fh:
+        paired = {(r["dataset"], r["baseline"]): r for r in csv.DictReader(fh)}
+    assert {b for d, b in paired if d == "average"} == {"dense", "all_unit", "seed"}
+    assert paired[("average", "dense")]["verdict"] in ("better", "worse", "indistinguishable")
+    text = (sdir / "report.md").read_text()
+    assert text.count("- The routed ensemble is **") == 3 and "Training compute" in text
 
     again = run_stage(cfg, "ensemble", progress=False)
     assert again["ran"] == 0
@@ -143,7 +155,7 @@ def test_stage_end_to_end_rerun_and_routing_change(run_cfg):
     redo = run_stage(paper, "ensemble", progress=False, force=True)
     assert redo["ran"] == 2
     records = [json.loads(p.read_text()) for p in sorted((sdir / "_done").glob("*.json"))]
-    assert all(r["evaluated"] == 0 and r["skipped"]["cached_outputs"] == 3 for r in records)
+    assert all(r["evaluated"] == 0 and r["skipped"]["cached_outputs"] == 4 for r in records)
     assert json.loads((sdir / "routing.json").read_text())["digits"]["formula"] == "paper"
 
 
@@ -154,7 +166,7 @@ def test_identical_experts_give_the_single_expert(run_cfg):
     shutil.rmtree(train / "seed")
     run_stage(cfg, "ensemble", progress=False)
     rows = _report(cfg)
-    assert "dense" not in rows[0]
+    assert "seed" not in rows[0] and "dense" in rows[0]
     for r in rows:
         assert float(r["ensemble"]) == pytest.approx(float(r["expert-0"]))
         assert float(r["all_unit"]) == pytest.approx(float(r["expert-1"]))

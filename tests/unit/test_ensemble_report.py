@@ -11,14 +11,14 @@ from ensemble import report
 
 
 def test_columns_follow_mode_result_csv():
-    assert report.report_columns(3, False) == [
+    assert report.report_columns(3) == [
         "dataset", "num_classes", "expert-0", "expert-1", "expert-2", "expert-max", "all_unit", "ensemble",
     ]
-    assert report.report_columns(2, True)[-1] == "dense"
+    assert report.report_columns(2, ["dense"])[-1] == "dense"
 
 
 def test_average_row_and_csv_text():
-    columns = report.report_columns(2, True)
+    columns = report.report_columns(2, ["dense"])
     rows = [
         {"dataset": "digits", "num_classes": 10, "expert-0": 50.0, "expert-1": 70.0, "expert-max": 70.0,
          "all_unit": 60.0, "ensemble": 65.0, "dense": 55.0},
@@ -41,7 +41,7 @@ def test_average_row_and_csv_text():
 
 
 def test_plots_and_markdown_are_written(tmp_path):
-    columns = report.report_columns(2, False)
+    columns = report.report_columns(2)
     rows = [{"dataset": "digits", "num_classes": 3, "expert-0": 10.0, "expert-1": 20.0, "expert-max": 20.0,
              "all_unit": 15.0, "ensemble": 18.0}]
     report.plot_routing(tmp_path / "r.png", ["digits"], [[0.3, 0.7]])

@@ -60,7 +60,7 @@ def _retrieval_task(tmp_path: Path) -> EvalTask:
 @pytest.mark.parametrize("image_routing", ["corpus", "captions"])
 def test_retrieval_route_per_query(tmp_path, image_routing):
     task = _retrieval_task(tmp_path)
-    ecfg = EnsembleConfig(retrieval_image_routing=image_routing)
+    ecfg = EnsembleConfig(retrieval_image_routing=image_routing, routing="code")
     weights, summary = retrieval.route(task, fake_embed, CENTERS, ecfg)
     params = RoutingParams("code", (5.0, 8.0), 200, 0.2)
 
@@ -77,3 +77,20 @@ def test_retrieval_route_per_query(tmp_path, image_routing):
         expected_image = [w(["cat", "car"], [0, 1]), w(["dog"], [0])]
     assert torch.allclose(weights["image"], torch.tensor(expected_image, dtype=torch.float64), atol=1e-6)
     assert summary["votes"] == [2, 1] and summary["image_routing"] == image_routing
+
+
+def test_calibrated_route_uses_the_temperature_and_no_labels():
+    """The evaluator's calibrated weights equal the pure formula on hand-computed squared distances."""
+    import dataclasses
+
+    centers = dataclasses.replace(CENTERS, temperature=0.25)
+    task = EvalTask("pets", "classification", Path("."), "wds", (), classnames=("cat", "dog", "car"),
+                    templates=("a photo of a {c}.",))
+    weights, summary = zeroshot.route(task, fake_embed, centers, EnsembleConfig(routing="calibrated"))
+    d2 = torch.tensor([[dist(n, 0) ** 2, dist(n, 1) ** 2] for n in ("cat", "dog", "car")], dtype=torch.float64)
+    votes = torch.softmax(-d2 / 0.25, dim=1)
+    expected = (votes.sum(0) + 0.5) / (3 + 1.0)
+    assert weights["task"].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+    assert summary["votes"] == [2, 1]
+    with pytest.raises(ValueError, match="temperature"):
+        zeroshot.route(task, fake_embed, CENTERS, EnsembleConfig(routing="calibrated"))
