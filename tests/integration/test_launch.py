@@ -244,23 +244,23 @@ def fake_training(monkeypatch, states: dict[str, str], calls: list | None = None
 
 
 def test_train_all_is_an_expert_array_after_the_seed_job(tmp_path, fake_slurm, monkeypatch, capsys):
-    states = {"seed": "not started", "0": "not started", "1": "not started", "2": "not started"}
+    states = {"seed": "not started", "0": "not started", "1": "not started", "2": "not started", "dense": "not started"}
     fake_training(monkeypatch, states)
     extra = ["launcher.slurm.nodes=2", "launcher.slurm.gpus_per_node=4"]
     cfg = load_config(None, slurm_overrides(tmp_path, "unused.tar", *extra))
     jobs = submit_train(cfg, "all", "configs/x.yaml", ["train.lr=1e-4"])
-    assert [j.job_id for j in jobs] == ["4101", "4102_0", "4102_1", "4102_2"]
+    assert [j.job_id for j in jobs] == ["4101", "4102_0", "4102_1", "4102_2", "4102_3"]
     seed = (fake_slurm / "4101.sh").read_text().splitlines()
     experts = (fake_slurm / "4102.sh").read_text().splitlines()
     for lines in (seed, experts):
         assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4"} <= set(lines)
     assert not any(x.startswith(("#SBATCH --array", "#SBATCH --dependency")) for x in seed)
-    assert "#SBATCH --array=0-2%3" in experts and "#SBATCH --dependency=afterok:4101" in experts
+    assert "#SBATCH --array=0-3%4" in experts and "#SBATCH --dependency=afterok:4101" in experts
     tasks = [DelayedSubmission.load(j.paths.submitted_pickle).function for j in jobs]
-    assert [(t.expert, t.resume) for t in tasks] == [(e, "latest") for e in ("seed", "0", "1", "2")]
+    assert [(t.expert, t.resume) for t in tasks] == [(e, "latest") for e in ("seed", "0", "1", "2", "dense")]
     assert "after afterok:4101" in capsys.readouterr().out
     # seed and expert 1 done, expert 2 half way: experts 0 and 2 only, with no dependency
-    states.update({"seed": "done", "1": "done", "2": "partial"})
+    states.update({"seed": "done", "1": "done", "2": "partial", "dense": "done"})
     again = submit_train(cfg, "all", "configs/x.yaml", [])
     assert [j.job_id for j in again] == ["4103_0", "4103_1"]
     assert "--dependency" not in (fake_slurm / "4103.sh").read_text()
@@ -276,7 +276,7 @@ def test_train_all_is_an_expert_array_after_the_seed_job(tmp_path, fake_slurm, m
 
 def test_experts_wait_for_a_seed_job_that_is_still_queued(tmp_path, fake_slurm, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "training.main", None)  # no training package: final.pt decides
-    extra = ["cluster.num_experts=2", "cluster.num_fine=8"]
+    extra = ["cluster.num_experts=2", "cluster.num_fine=8", "train.baselines=[]"]
     cfg = load_config(None, slurm_overrides(tmp_path, "unused.tar", *extra))
     assert [j.job_id for j in submit_train(cfg, "seed", None, [])] == ["4101"]
     (fake_slurm / "active").write_text("4101\n")

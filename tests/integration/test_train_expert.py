@@ -48,6 +48,7 @@ def test_all_trains_seed_then_experts_from_it_and_reruns_do_nothing(base, tmp_pa
         ("seed", "done", 4),
         ("expert_0", "done", 8),
         ("expert_1", "done", 8),
+        ("dense", "done", 8),
     ]
     expert = cfg.run_dir / "train" / "expert_0"
     manifest = read_json(expert / "manifest.json")
@@ -63,7 +64,7 @@ def test_all_trains_seed_then_experts_from_it_and_reruns_do_nothing(base, tmp_pa
     capsys.readouterr()
     again = train_experts(cfg, "all", progress=False)
     assert {r["state"] for r in again} == {"skipped"}
-    assert capsys.readouterr().out.count("nothing to do") == 3
+    assert capsys.readouterr().out.count("nothing to do") == 4
     status = {r["stage"]: r for r in training_status(cfg)}
     assert status["train/expert_1"]["state"] == "done" and status["train/expert_1"]["shards_done"] == 8
     changed = load_config(None, [f"run.root={tmp_path / 'runs'}", *_base_overrides(base), "train.lr=5e-4"])
@@ -108,7 +109,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(base, tmp_path):
     resumed, _ = fresh(base, tmp_path / "b", *overrides)
     first = train_experts(resumed, 0, progress=False, stop_at_step=3)
     assert first == [{"run": "expert_0", "state": "partial", "step": 3}]
-    assert training_status(resumed)[-2]["state"] == "partial"
+    assert {r["stage"]: r for r in training_status(resumed)}["train/expert_0"]["state"] == "partial"
     changed = load_config(
         None, [f"run.root={tmp_path / 'b' / 'runs'}", *_base_overrides(base), *overrides, "train.wd=0.3"]
     )

@@ -206,16 +206,19 @@ def test_job_ids_are_described_by_array():
     assert launch._describe_ids(["DEBUG_1_0", "DEBUG_2_0"]) == "DEBUG_1_0, DEBUG_2_0"
 
 
-def test_expert_selection():
-    assert launch._experts("all", 4) == ["0", "1", "2", "3"]
-    assert launch._experts("seed", 4) == [] and launch._experts("02", 4) == ["2"]
-    with pytest.raises(ConfigError, match=r"--expert 4: expected 'seed', 'all' or an index in \[0, 4\)"):
-        launch._experts("4", 4)
+def test_expert_selection(tmp_path):
+    cfg = sample_cfg(tmp_path, "train.baselines=[dense, random_split]")
+    assert launch._experts(cfg, "all", 4) == ["0", "1", "2", "3", "dense", *[f"random_split_{k}" for k in range(4)]]
+    assert launch._experts(cfg, "experts", 4) == ["0", "1", "2", "3"]
+    assert launch._experts(cfg, "seed", 4) == [] and launch._experts(cfg, "02", 4) == ["2"]
+    assert launch._experts(cfg, "baselines", 2) == ["dense", "random_split_0", "random_split_1"]
+    with pytest.raises(ConfigError, match=r"--expert 4: out of range \(the run has experts 0..3\)"):
+        launch._experts(cfg, "4", 4)
 
 
 def test_train_runs_reads_the_training_status(tmp_path):
     pytest.importorskip("training.main")
     cfg = sample_cfg(tmp_path, "cluster.num_experts=2", "cluster.num_fine=8")
-    assert launch.train_runs(cfg) == {"seed": "not started", "0": "not started", "1": "not started"}
-    no_seed = sample_cfg(tmp_path, "cluster.num_experts=2", "cluster.num_fine=8", "train.seed_steps=0")
+    assert launch.train_runs(cfg) == {"seed": "not started", "0": "not started", "1": "not started", "dense": "not started"}
+    no_seed = sample_cfg(tmp_path, "cluster.num_experts=2", "cluster.num_fine=8", "train.seed_steps=0", "train.baselines=[]")
     assert launch.train_runs(no_seed) == {"0": "not started", "1": "not started"}
