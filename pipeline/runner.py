@@ -232,8 +232,8 @@ def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[st
             try:
                 _run_shard(name, cfg, shard, sdir, chash)
             except Exception as exc:  # noqa: BLE001 - reported per shard, others continue
-                log.exception("%s: shard %s failed", name, shard.name)
-                failures.append((shard.name, f"{type(exc).__name__}: {exc}"))
+                _log_failure(name, shard.name, exc)
+                failures.append((shard.name, _describe(exc)))
             bar.update(1)
     else:
         ctx = multiprocessing.get_context("spawn")
@@ -244,11 +244,28 @@ def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[st
                     fut.result()
                 except Exception as exc:  # noqa: BLE001
                     shard = futures[fut].name
-                    log.error("%s: shard %s failed: %s", name, shard, exc)
-                    failures.append((shard, f"{type(exc).__name__}: {exc}"))
+                    log.error("%s: shard %s failed: %s", name, shard, _describe(exc))
+                    failures.append((shard, _describe(exc)))
                 bar.update(1)
     bar.close()
     return failures
+
+
+EXPECTED_ERRORS = (StageError, ValueError, FileNotFoundError)
+"""Errors that say what is wrong in their message (config, input, unreadable file): no traceback."""
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a failed shard: the message alone for expected errors, else type and message."""
+    text = " ".join(str(exc).split())[:400]
+    return text if isinstance(exc, EXPECTED_ERRORS) and text else f"{type(exc).__name__}: {text}"
+
+
+def _log_failure(name: str, shard: str, exc: BaseException) -> None:
+    if isinstance(exc, EXPECTED_ERRORS):
+        log.error("%s: shard %s failed: %s", name, shard, _describe(exc))
+    else:
+        log.exception("%s: shard %s failed", name, shard)
 
 
 def _sum_counts(records: list[dict]) -> dict[str, Any]:

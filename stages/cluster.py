@@ -29,6 +29,7 @@ from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
+from pipeline.safeload import UnreadableFileError, torch_load
 from stages import kmeans
 
 
@@ -162,6 +163,9 @@ def load_centers(cfg: PipelineConfig) -> tuple[torch.Tensor, torch.Tensor, torch
     """Fine centres, coarse centres, fine→coarse map and the cluster manifest of a run."""
     cdir = cfg.run_dir / "cluster"
     manifest = artifacts.read_manifest(cdir, "cluster")
-    fine = torch.load(cdir / "fine_centers.pth", map_location="cpu")["center"]
-    coarse = torch.load(cdir / "coarse.pth", map_location="cpu")
-    return fine, coarse["coarse"], coarse["assign"], manifest
+    fine = torch_load(cdir / "fine_centers.pth", "cluster")
+    coarse = torch_load(cdir / "coarse.pth", "cluster")
+    try:
+        return fine["center"], coarse["coarse"], coarse["assign"], manifest
+    except (KeyError, TypeError, IndexError):
+        raise UnreadableFileError(f"cluster: {cdir} holds centre files of another layout; rerun cluster --force") from None

@@ -167,7 +167,7 @@ def choose_restore(spec: RunSpec, ctx: DistContext, resume: str, identity: dict[
     if path is None:
         if spec.branch_from is None:
             return Restore()
-        return Restore(ckpt.load_checkpoint(spec.branch_from), spec.branch_from, resume=False)
+        return Restore(ckpt.load_checkpoint(spec.branch_from, "train/seed"), spec.branch_from, resume=False)
     state = ckpt.load_checkpoint(path)
     ckpt.check_world_size(state, ctx.world_size, path)
     if state.get("identity_hash") != config_hash(identity):

@@ -1,0 +1,64 @@
+"""Reading ``torch.save`` files without running code: ``weights_only=True`` and one-line errors.
+
+Every ``.pt``/``.pth`` the project reads back (training checkpoints, pretrained and teacher
+weights, cluster centres, ensemble outputs) goes through :func:`torch_load`. A file that holds
+anything but tensors and plain Python types (a pickle that could run code on load) is refused
+before any of it runs; a truncated or corrupt file is reported as such, naming the file and the
+config key or option it came from.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+from pipeline.runner import StageError
+
+LOAD_ERRORS = (
+    RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, AssertionError, IndexError,
+)
+"""What torch/open_clip raise on truncated, corrupt or mismatched files (beside ``UnpicklingError``)."""
+
+
+class UnreadableFileError(StageError):
+    """A torch file that is unsafe (code in the pickle) or unreadable (truncated, corrupt)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception message (torch's messages run to many lines)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return type(exc).__name__
+
+
+def refuse_message(what: str, path: str | Path) -> str:
+    """The one line reported for a file whose pickle holds more than tensors and plain types."""
+    return (
+        f"{what}: refused {path}: it holds Python objects other than tensors and plain types "
+        f"(a pickle that could run code on load); only weights-only files are read"
+    )
+
+
+def torch_load(path: str | Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, with one-line errors.
+
+    Args:
+        path: the file.
+        what: the config key or option the file came from (``--resume``, ``train.pretrained``...).
+
+    Raises:
+        UnreadableFileError: the file is missing, unsafe, truncated or corrupt.
+    """
+    import torch
+
+    if not Path(path).is_file():
+        raise UnreadableFileError(f"{what}: no such file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnreadableFileError(refuse_message(what, path)) from None
+    except LOAD_ERRORS as exc:
+        reason = first_line(exc)
+        raise UnreadableFileError(f"{what}: cannot read {path} (truncated or corrupt): {reason}") from None
