@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def cmd_train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
             args.config, args.expert, args.overrides, cfg.launcher.nproc_per_node, resume=args.resume
         )
         cmd[0] = str(Path(sys.executable).with_name("torchrun"))
-        print("launching: " + " ".join(cmd))
+        print("launching: " + shlex.join(cmd))
         return subprocess.call(cmd)
     from training.main import train_experts
 

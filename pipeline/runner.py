@@ -16,6 +16,7 @@ manifest once every shard is done.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import multiprocessing
@@ -180,14 +181,21 @@ def run_stage(
     """
     module = load_stage(name)
     sdir = stage_dir(cfg, name)
+    plan = plan_stage(cfg, name)  # lists the inputs first: bad inputs fail before anything is written
     sdir.mkdir(parents=True, exist_ok=True)
-    plan = plan_stage(cfg, name)
     if (plan.stale or plan.orphans) and not force:
         raise StageError(_stale_message(cfg, name, plan))
     if force:
+        # Nothing is removed before its replacement is complete: the shards to redo are run again
+        # (their records and outputs are overwritten shard by shard); the old manifest and the
+        # records of shards no longer listed go only once the new outputs are in place.
         partial = shard_range is not None or stride is not None
-        _clear(sdir, plan.stale + plan.orphans + ([] if partial else plan.done))
-        plan = plan_stage(cfg, name)
+        redo = plan.stale + ([] if partial else plan.done)
+        plan = dataclasses.replace(
+            plan, done=[n for n in plan.done if n not in redo], stale=[], todo=plan.todo + redo
+        )
+    if shard_range is None and stride is None:  # the only writer of this stage: leftovers are a killed run's
+        artifacts.remove_stale_temps(sdir)
     artifacts.write_text(sdir / "config.yaml", dump_yaml(cfg))
     artifacts.write_json(sdir / "_hashed_config.json", to_jsonable(module.hash_inputs(cfg)))
     by_name = {s.name: s for s in plan.shards}
@@ -199,6 +207,9 @@ def run_stage(
             log.info("%s: all %d shard(s) already done; nothing to do", name, len(plan.shards))
             return {"stage": name, "ran": 0, "skipped": len(plan.done), "manifest": manifest}
     failures = _execute(cfg, name, selected_range, sdir, plan.config_hash, workers, progress)
+    if force and len(failures) < len(selected_range):
+        # some outputs were replaced: the old manifest no longer describes the stage
+        (sdir / artifacts.MANIFEST).unlink(missing_ok=True)
     if failures:
         lines = "; ".join(f"{s}: {e}" for s, e in failures[:5])
         raise StageError(
@@ -210,6 +221,8 @@ def run_stage(
         if remaining:
             log.info("%s: %d shard(s) still to do; manifest not written yet", name, len(remaining))
         return {**summary, "remaining": len(remaining)}
+    if plan.orphans:
+        _clear(sdir, plan.orphans)
     summary["manifest"] = write_manifest(cfg, name, plan)
     return summary
 
@@ -316,7 +329,7 @@ def stage_status(cfg: PipelineConfig, name: str) -> dict[str, Any]:
     has_manifest = (sdir / artifacts.MANIFEST).is_file()
     try:
         plan = plan_stage(cfg, name)
-    except (FileNotFoundError, StageError, ImportError) as exc:
+    except (FileNotFoundError, StageError, ImportError, ValueError) as exc:
         return {"stage": name, "state": "waiting", "detail": str(exc).split("\n")[0]}
     total = len(plan.shards)
     if plan.stale or plan.orphans:

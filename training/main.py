@@ -30,7 +30,15 @@ from typing import Any
 
 import torch.distributed as dist
 
-from pipeline.artifacts import MANIFEST, git_sha, read_json, read_manifest, write_json, write_text
+from pipeline.artifacts import (
+    MANIFEST,
+    git_sha,
+    read_json,
+    read_manifest,
+    remove_stale_temps,
+    write_json,
+    write_text,
+)
 from pipeline.config import (
     ConfigError,
     PipelineConfig,
@@ -296,6 +304,8 @@ def train_run(
     skipped = _skip_finished(spec, ctx, resume, identity)
     if skipped is not None:
         return skipped
+    if ctx.is_main:  # rank 0 is this run's only writer: temporary files here are a killed run's
+        remove_stale_temps(spec.run_dir)
     restore = choose_restore(spec, ctx, resume, identity)
     _warn_branch_world_size(restore, ctx)
     if ctx.is_main:
@@ -313,9 +323,13 @@ def _parse_expert(cfg: PipelineConfig, expert: str | int) -> list[str | int]:
     if expert in ("seed", "all"):
         return ["seed", *range(num_experts(cfg))] if expert == "all" else ["seed"]
     try:
-        return [int(expert)]
+        index = int(expert)
     except ValueError:
         raise ConfigError(f"--expert {expert}: expected an expert index, 'seed' or 'all'") from None
+    count = num_experts(cfg)
+    if not 0 <= index < count:
+        raise ConfigError(f"--expert {expert}: out of range; the run has experts 0..{count - 1}")
+    return [index]
 
 
 def train_experts(
