@@ -84,7 +84,7 @@ def expand_sources(train: str, layout: str = "auto") -> tuple[list[InputShard], 
     for source, spec in enumerate(s for s in train.split("::") if s.strip()):
         found, miss = _expand_one(spec, source, layout)
         if not found:
-            raise FileNotFoundError(f"data.train: source {source + 1} '{spec.strip()}' matches no file")
+            raise FileNotFoundError(f"data.train: no input shards: source {source + 1} '{spec.strip()}' matches no file")
         shards += found
         missing += miss
     if not shards:
