@@ -21,6 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+
+class CorruptArtifactError(ValueError):
+    """An artifact (manifest, record) exists but cannot be read back; the message says which."""
+
+
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"
 TEMP_SUFFIX = ".tmp"
@@ -110,12 +115,20 @@ def done_path(stage_dir: Path, shard: str) -> Path:
 def read_manifest(stage_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
     """Read a stage manifest, with a clear error if the stage has not finished."""
     path = Path(stage_dir) / MANIFEST
+    name = stage or Path(stage_dir).name
     if not path.is_file():
-        name = stage or Path(stage_dir).name
         raise FileNotFoundError(
             f"{name}: no manifest at {path}; run `python -m pipeline {name}` first"
         )
-    return read_json(path)
+    try:
+        manifest = read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptArtifactError(
+            f"{name}: {path} is not a readable manifest ({exc}); rerun `python -m pipeline {name} --force`"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("stage", name) != name:
+        raise CorruptArtifactError(f"{name}: {path} is not a {name} manifest; rerun `python -m pipeline {name} --force`")
+    return manifest
 
 
 def git_sha() -> str:

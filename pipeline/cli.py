@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from pipeline.artifacts import CorruptArtifactError
 from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
 from pipeline.runner import STAGE_MODULES, StageError, run_stage, stage_status
 
@@ -210,6 +211,6 @@ def main(argv: list[str] | None = None) -> int:
             cfg.launcher.kind = args.launcher
         handler = COMMANDS.get(args.command, cmd_stage)
         return handler(cfg, args)
-    except (ConfigError, StageError, FileNotFoundError) as exc:
+    except (ConfigError, StageError, FileNotFoundError, CorruptArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

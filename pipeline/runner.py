@@ -87,7 +87,12 @@ def plan_stage(cfg: PipelineConfig, name: str) -> StagePlan:
     module = load_stage(name)
     sdir = stage_dir(cfg, name)
     chash = config_hash(module.hash_inputs(cfg))
-    shards = module.list_shards(cfg, sdir)
+    try:
+        shards = module.list_shards(cfg, sdir)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        # an upstream manifest that parses but lacks what this stage reads
+        raise StageError(f"{name}: an upstream manifest is incomplete or corrupt ({type(exc).__name__}: {exc}); "
+                         f"rerun the stage before {name} with --force") from None
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         dup = [n for n, c in Counter(names).items() if c > 1][:3]

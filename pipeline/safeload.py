@@ -26,10 +26,10 @@ class UnreadableFileError(StageError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception message (torch's messages run to many lines)."""
+    """The first sentence of an exception message (torch's and pyarrow's run to many lines)."""
     for line in str(exc).splitlines():
         if line.strip():
-            return line.strip()[:300]
+            return line.strip().split(". ", 1)[0][:200]
     return type(exc).__name__
 
 
@@ -62,3 +62,31 @@ def torch_load(path: str | Path, what: str) -> Any:
     except LOAD_ERRORS as exc:
         reason = first_line(exc)
         raise UnreadableFileError(f"{what}: cannot read {path} (truncated or corrupt): {reason}") from None
+
+
+def read_parquet(path: str | Path, what: str, columns: list[str] | None = None) -> Any:
+    """``pyarrow.parquet.read_table`` with one-line errors for a damaged file.
+
+    Raises:
+        UnreadableFileError: the file is missing, truncated or corrupt, or lacks ``columns``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
+        raise UnreadableFileError(f"{what}: cannot read {path} (truncated or corrupt): {first_line(exc)}") from None
+
+
+def load_npy(path: str | Path, what: str, ndim: int | None = None) -> Any:
+    """``numpy.load`` (no pickles) with one-line errors for a damaged file or a wrong shape."""
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged header raises ValueError, TokenError, SyntaxError...
+        raise UnreadableFileError(f"{what}: cannot read {path} (truncated or corrupt): {first_line(exc)}") from None
+    if ndim is not None and array.ndim != ndim:
+        raise UnreadableFileError(f"{what}: {path} holds a {array.ndim}-d array, expected {ndim}-d")
+    return array

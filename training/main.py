@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from pipeline.artifacts import (
     MANIFEST,
+    CorruptArtifactError,
     git_sha,
     read_json,
     read_manifest,
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         train_experts(
             cfg, args.expert, resume=args.resume, progress=not args.quiet, stop_at_step=args.stop_at_step
         )
-    except (ConfigError, StageError, FileNotFoundError) as exc:
+    except (ConfigError, StageError, FileNotFoundError, CorruptArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
