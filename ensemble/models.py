@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import pickle
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import PipelineConfig
+from pipeline.safeload import LOAD_ERRORS, UnreadableFileError, first_line, refuse_message
 from training.models import register_model_configs
 
 log = logging.getLogger("pipeline")
@@ -144,7 +146,15 @@ def load_clip(arch: str, checkpoint: Path, device: torch.device) -> ClipBundle:
     register_model_configs()
     if not arch.startswith(("hf-hub:", "local-dir:")) and arch not in open_clip.list_models():
         raise ValueError(f"train.model: '{arch}' is not a registered open_clip model config")
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(checkpoint), device=device)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=str(checkpoint), device=device, weights_only=True
+        )
+    except pickle.UnpicklingError:
+        raise UnreadableFileError(refuse_message("ensemble", checkpoint)) from None
+    except LOAD_ERRORS as exc:
+        reason = first_line(exc)
+        raise UnreadableFileError(f"ensemble: cannot load {checkpoint} into '{arch}': {reason}") from None
     model.eval()
     return ClipBundle(model, preprocess, _tokenizer(arch), device)
 

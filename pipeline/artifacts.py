@@ -14,14 +14,22 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+
+class CorruptArtifactError(ValueError):
+    """An artifact (manifest, record) exists but cannot be read back; the message says which."""
+
+
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"
+TEMP_SUFFIX = ".tmp"
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # ".<name>.<mkstemp's 8 characters>.tmp"
 
 
 @contextlib.contextmanager
@@ -32,15 +40,45 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600; artifacts follow the umask like any other file (shared storage).
+        if tmp_path.is_file():
+            os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    """This process's umask (read from /proc on Linux: setting it to read it races with threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left under ``folder`` (a killed run's).
+
+    Call it only where no other process writes into ``folder`` at the same time.
+    """
+    removed = []
+    root = Path(folder)
+    for path in root.rglob(f".*{TEMP_SUFFIX}") if root.is_dir() else []:
+        if path.is_file() and _TEMP_RE.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -77,12 +115,20 @@ def done_path(stage_dir: Path, shard: str) -> Path:
 def read_manifest(stage_dir: str | Path, stage: str | None = None) -> dict[str, Any]:
     """Read a stage manifest, with a clear error if the stage has not finished."""
     path = Path(stage_dir) / MANIFEST
+    name = stage or Path(stage_dir).name
     if not path.is_file():
-        name = stage or Path(stage_dir).name
         raise FileNotFoundError(
             f"{name}: no manifest at {path}; run `python -m pipeline {name}` first"
         )
-    return read_json(path)
+    try:
+        manifest = read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptArtifactError(
+            f"{name}: {path} is not a readable manifest ({exc}); rerun `python -m pipeline {name} --force`"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("stage", name) != name:
+        raise CorruptArtifactError(f"{name}: {path} is not a {name} manifest; rerun `python -m pipeline {name} --force`")
+    return manifest
 
 
 def git_sha() -> str:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
+from pipeline.artifacts import CorruptArtifactError
 from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
 from pipeline.runner import STAGE_MODULES, StageError, run_stage, stage_status
 
@@ -139,7 +141,7 @@ def cmd_train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
             args.config, args.expert, args.overrides, cfg.launcher.nproc_per_node, resume=args.resume
         )
         cmd[0] = str(Path(sys.executable).with_name("torchrun"))
-        print("launching: " + " ".join(cmd))
+        print("launching: " + shlex.join(cmd))
         return subprocess.call(cmd)
     from training.main import train_experts
 
@@ -209,6 +211,6 @@ def main(argv: list[str] | None = None) -> int:
             cfg.launcher.kind = args.launcher
         handler = COMMANDS.get(args.command, cmd_stage)
         return handler(cfg, args)
-    except (ConfigError, StageError, FileNotFoundError) as exc:
+    except (ConfigError, StageError, FileNotFoundError, CorruptArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

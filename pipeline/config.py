@@ -17,6 +17,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,6 +47,9 @@ class RunConfig:
     workers: int = 2
     """Local process-pool size for sharded stages (1 = run in-process, handy for debugging)."""
 
+    def __post_init__(self) -> None:
+        _check(self, "run", name="a folder name", root="non-empty", seed="a seed", workers=">= 1")
+
 
 @dataclass(kw_only=True)
 class DemoDataConfig:
@@ -67,6 +72,10 @@ class DemoDataConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "num_pairs", "image_size", "pairs_per_shard", "eval_per_class")
+        _check(self, "demo_data", out="non-empty", retrieval_pairs=">= 0", domains="non-empty")
+        unknown = [d for d in self.domains if d not in DEMO_DOMAINS]
+        if unknown:
+            raise ConfigError(f"demo_data.domains: {unknown} not among {list(DEMO_DOMAINS)}")
 
 
 @dataclass(kw_only=True)
@@ -90,6 +99,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.train.strip():
             raise ConfigError("data.train: must name at least one source")
+        if any(not part.strip() for part in self.train.split("::")):
+            raise ConfigError(f"data.train: {self.train!r} has an empty source between '::'")
+        _check(self, "data", eval_root="non-empty")
 
 
 @dataclass(kw_only=True)
@@ -113,6 +125,13 @@ class PrepConfig:
     """CSV column holding the image path (relative to the CSV file or absolute)."""
     csv_caption_key: str = "caption"
     """CSV column holding the caption."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self, "prep", caption_keys="non-empty items", json_fields="non-empty items",
+            image_keys="non-empty items", csv_separator="one character", csv_img_key="non-empty",
+            csv_caption_key="non-empty",
+        )
 
 
 @dataclass(kw_only=True)
@@ -139,6 +158,7 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
+        _check(self, "embed", model="non-empty", max_seq_length=">= 0", device="a device")
 
 
 @dataclass(kw_only=True)
@@ -179,10 +199,19 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "num_fine", "num_experts", "max_iter", "chunk_size")
+        _check(
+            self, "cluster", balance_slack="in [0, 1)", coarse_n_init=">= 1", sample_size=">= 0", tol=">= 0",
+            device="a device",
+        )
         if self.num_experts > self.num_fine:
             raise ConfigError("cluster.num_experts: must not exceed cluster.num_fine")
         if not 0.0 < self.sample_fraction <= 1.0:
             raise ConfigError(f"cluster.sample_fraction: {self.sample_fraction} not in (0, 1]")
+        if 0 < self.sample_size < self.num_fine:
+            raise ConfigError(
+                f"cluster.sample_size: {self.sample_size} is less than cluster.num_fine {self.num_fine} "
+                f"(every fine cluster needs a sampled pair)"
+            )
 
 
 @dataclass(kw_only=True)
@@ -195,6 +224,9 @@ class AssignConfig:
     """Pairs per distance block."""
     device: str = "auto"
     """``auto``: this rank's GPU when present."""
+
+    def __post_init__(self) -> None:
+        _check(self, "assign", chunk_size="> 0", device="a device")
 
 
 @dataclass(kw_only=True)
@@ -283,6 +315,12 @@ class TrainConfig:
             raise ConfigError(f"train.teacher: expected '<model>:<checkpoint path>', got '{self.teacher}'")
         if self.init_from_teacher and not self.teacher:
             raise ConfigError("train.init_from_teacher: needs train.teacher")
+        _check(
+            self, "train", model="non-empty", lr="> 0", min_lr=">= 0", wd=">= 0", beta1="in [0, 1)",
+            beta2="in [0, 1)", eps="> 0", grad_clip_norm=">= 0", device="a device",
+        )
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr: {self.min_lr} is above train.lr {self.lr}")
 
 
 @dataclass(kw_only=True)
@@ -321,13 +359,17 @@ class EnsembleConfig:
     """Seed of the bootstrap resampling."""
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "calibration_samples")
+        _check(
+            self, "ensemble", evaluators="non-empty items", batch_size="> 0", too_many_class=">= 0",
+            paper_lambda="> 0", device="a device", calibration_samples="> 0", calibrated_prior="> 0",
+            bootstrap_resamples=">= 0",
+        )
         if not 0.0 < self.calibrated_confidence < 1.0:
-            raise ConfigError(f"ensemble.calibrated_confidence: {self.calibrated_confidence} not in (0, 1)")
-        if self.calibrated_prior <= 0:
-            raise ConfigError(f"ensemble.calibrated_prior: must be > 0, got {self.calibrated_prior}")
-        if self.bootstrap_resamples < 0:
-            raise ConfigError(f"ensemble.bootstrap_resamples: must be >= 0, got {self.bootstrap_resamples}")
+            raise ConfigError(f"ensemble.calibrated_confidence: must be in (0, 1), got {self.calibrated_confidence}")
+        if len(self.smooth_weight) != 2 or not all(w > 0 for w in self.smooth_weight):
+            raise ConfigError(
+                f"ensemble.smooth_weight: must be two numbers > 0 [alpha scale, temperature], got {self.smooth_weight}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -395,6 +437,9 @@ class LauncherConfig:
     """With ``kind: slurm``: print the sbatch scripts instead of submitting (automatic when there
     is no ``sbatch`` on PATH)."""
 
+    def __post_init__(self) -> None:
+        _check(self, "launcher", nproc_per_node=">= 1")
+
 
 @dataclass(kw_only=True)
 class PipelineConfig:
@@ -412,6 +457,12 @@ class PipelineConfig:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
+    def __post_init__(self) -> None:
+        if self.loss.distill_weight > 0 and not self.train.teacher:
+            raise ConfigError(
+                f"loss.distill_weight: {self.loss.distill_weight} needs a reference model in train.teacher (empty)"
+            )
+
     @property
     def run_dir(self) -> Path:
         """``<run.root>/<run.name>``."""
@@ -424,6 +475,39 @@ def _positive(obj: Any, *names: str) -> None:
         if value <= 0:
             section = _SECTION_OF.get(type(obj).__name__, type(obj).__name__)
             raise ConfigError(f"{section}.{name}: must be > 0, got {value}")
+
+
+DEMO_DOMAINS = ("digits", "shapes", "textures", "words")
+"""Domains the demo data generator knows."""
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_RULES: dict[str, Any] = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "non-empty": lambda v: bool(v.strip()) if isinstance(v, str) else len(v) > 0,
+    "non-empty items": lambda v: len(v) > 0 and all(str(x).strip() for x in v),
+    "one character": lambda v: len(v) == 1,
+    "a seed": lambda v: 0 <= v < 2**32,
+    "a device": lambda v: bool(_DEVICE.match(v)),
+    "a folder name": lambda v: bool(v.strip()) and v not in (".", "..") and not set(v) & set("/\\"),
+}
+_RULE_TEXT = {
+    "a seed": "an integer in [0, 2**32)",
+    "a device": "auto, cpu, mps, cuda or cuda:<index>",
+    "a folder name": "a non-empty folder name (no '/' or '\\', not '.' or '..')",
+    "non-empty items": "a non-empty list of non-empty names",
+}
+
+
+def _check(obj: Any, section: str, **rules: str) -> None:
+    """Raise one ConfigError line ``<section>.<key>: must be <rule>, got <value>`` for the first broken rule."""
+    for name, rule in rules.items():
+        value = getattr(obj, name)
+        if not _RULES[rule](value):
+            raise ConfigError(f"{section}.{name}: must be {_RULE_TEXT.get(rule, rule)}, got {value!r}")
 
 
 _SECTION_OF = {
@@ -494,7 +578,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
@@ -506,6 +596,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
+        if any(c in value for c in "\n\r\x00"):
+            # Strings end up in file names, sbatch lines and printed commands: one line each.
+            raise ConfigError(f"{path}: must be a single line (no newline or NUL), got {value!r}")
         return value
     if tp is Any:
         return value
@@ -529,8 +622,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({_yaml_problem(exc)})") from None
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).split("\n")[0]
+    return " ".join(str(problem).split())
+
+
+def _parse_yaml_file(path: Path) -> Any:
+    """``yaml.safe_load`` of a file; errors as one line ``file:line:column: problem``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {_yaml_problem(exc)}") from None
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -547,13 +664,17 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a config file; ``extends: other.yaml`` (relative to this file) is loaded first."""
     path = Path(path)
     if not path.is_file():
+        if _seen:
+            raise ConfigError(f"{_seen[-1]}: extends: no such file {path}")
         raise ConfigError(f"--config: no such file {path}")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'extends' loops back to itself")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _parse_yaml_file(path) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections")
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     parent = data.pop("extends", None)
+    if parent is not None and not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: expected a file name, got {parent!r}")
     if parent:
         data = _deep_merge(read_yaml(path.parent / parent, (*_seen, path.resolve())), data)
     return data

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -447,7 +448,8 @@ def _print_submitted(
 ) -> None:
     print(f"{what}: submitted {_describe_ids([str(j.job_id) for j in jobs])}: {detail}")
     print(f"  logs: {folder}")
-    print(f"  watch: python -m pipeline status --config {config_path or '<config>'}   (run {cfg.run_dir})")
+    shown = shlex.quote(config_path) if config_path else "<config>"
+    print(f"  watch: python -m pipeline status --config {shown}   (run {cfg.run_dir})")
 
 
 def _describe_ids(ids: list[str]) -> str:
@@ -605,7 +607,8 @@ def submit_train(
         return []
     names = {"seed": f"{cfg.run.name}-train-seed", "experts": f"{cfg.run.name}-train-experts"}
     if dry_run:
-        _print_train_dry_run(cfg, run_seed, experts, folder, names, config_path, overrides or [])
+        resumes = (seed_resume, resume)
+        _print_train_dry_run(cfg, run_seed, experts, folder, names, config_path, overrides or [], resumes)
         return []
     jobs: list[Job] = []
     dependency = f"afterok:{queued['seed']}" if seed_queued else None
@@ -638,14 +641,21 @@ def _ddp_detail(cfg: PipelineConfig) -> str:
     return f"{s.nodes} node(s) x {s.gpus_per_node} GPU(s) = {s.nodes * s.gpus_per_node} DDP rank(s)"
 
 
-def torchrun_command(cfg: PipelineConfig, expert: str, config_path: str | None, overrides: list[str]) -> str:
-    """The equivalent multi-node torchrun command (run on every node)."""
+def torchrun_command(
+    cfg: PipelineConfig, expert: str, config_path: str | None, overrides: list[str], resume: str = "latest"
+) -> str:
+    """The equivalent multi-node torchrun command (run on every node), shell-quoted.
+
+    Every argument is quoted (``$HOST``, the rendezvous host to fill in, is left to the shell).
+    """
     s = cfg.launcher.slurm
-    sets = "".join(f" --set {o}" for o in overrides)
+    args = ["--config", config_path or "<config>", "--expert", str(expert)]
+    for item in overrides:
+        args += ["--set", item]
+    args += ["--resume", resume]
     return (
         f"torchrun --nnodes={s.nodes} --nproc_per_node={s.gpus_per_node} --rdzv_backend=c10d "
-        f"--rdzv_endpoint=$HOST:29500 -m training.main --config {config_path or '<config>'} "
-        f"--expert {expert}{sets} --resume latest"
+        f"--rdzv_endpoint=$HOST:29500 -m training.main {shlex.join(args)}"
     )
 
 
@@ -657,17 +667,20 @@ def _print_train_dry_run(
     names: dict[str, str],
     config_path: str | None,
     overrides: list[str],
+    resumes: tuple[str, str] = ("latest", "latest"),
 ) -> None:
     why = "launcher.dry_run is set" if cfg.launcher.dry_run else "no sbatch on PATH"
     print(f"train: dry run ({why}); nothing was submitted.")
     if run_seed:
         print(f"seed job: {_ddp_detail(cfg)}")
-        print(f"  torchrun equivalent: {torchrun_command(cfg, 'seed', config_path, overrides)}")
+        print(f"  torchrun equivalent: {torchrun_command(cfg, 'seed', config_path, overrides, resumes[0])}")
         print("----- sbatch script: seed -----")
         print(render_sbatch(cfg, "train", folder=folder, name=names["seed"]).rstrip())
     if experts:
         dependency = "afterok:<seed job id>" if run_seed else None
         print(f"expert array: expert(s) {', '.join(experts)}, one job each, {_ddp_detail(cfg)}")
+        for k in experts:
+            print(f"  torchrun equivalent: {torchrun_command(cfg, k, config_path, overrides, resumes[1])}")
         print("----- sbatch script: experts -----")
         script = render_sbatch(
             cfg, "train", folder=folder, array_size=len(experts), dependency=dependency, name=names["experts"]

@@ -16,6 +16,7 @@ manifest once every shard is done.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import multiprocessing
@@ -86,7 +87,12 @@ def plan_stage(cfg: PipelineConfig, name: str) -> StagePlan:
     module = load_stage(name)
     sdir = stage_dir(cfg, name)
     chash = config_hash(module.hash_inputs(cfg))
-    shards = module.list_shards(cfg, sdir)
+    try:
+        shards = module.list_shards(cfg, sdir)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        # an upstream manifest that parses but lacks what this stage reads
+        raise StageError(f"{name}: an upstream manifest is incomplete or corrupt ({type(exc).__name__}: {exc}); "
+                         f"rerun the stage before {name} with --force") from None
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         dup = [n for n, c in Counter(names).items() if c > 1][:3]
@@ -180,14 +186,21 @@ def run_stage(
     """
     module = load_stage(name)
     sdir = stage_dir(cfg, name)
+    plan = plan_stage(cfg, name)  # lists the inputs first: bad inputs fail before anything is written
     sdir.mkdir(parents=True, exist_ok=True)
-    plan = plan_stage(cfg, name)
     if (plan.stale or plan.orphans) and not force:
         raise StageError(_stale_message(cfg, name, plan))
     if force:
+        # Nothing is removed before its replacement is complete: the shards to redo are run again
+        # (their records and outputs are overwritten shard by shard); the old manifest and the
+        # records of shards no longer listed go only once the new outputs are in place.
         partial = shard_range is not None or stride is not None
-        _clear(sdir, plan.stale + plan.orphans + ([] if partial else plan.done))
-        plan = plan_stage(cfg, name)
+        redo = plan.stale + ([] if partial else plan.done)
+        plan = dataclasses.replace(
+            plan, done=[n for n in plan.done if n not in redo], stale=[], todo=plan.todo + redo
+        )
+    if shard_range is None and stride is None:  # the only writer of this stage: leftovers are a killed run's
+        artifacts.remove_stale_temps(sdir)
     artifacts.write_text(sdir / "config.yaml", dump_yaml(cfg))
     artifacts.write_json(sdir / "_hashed_config.json", to_jsonable(module.hash_inputs(cfg)))
     by_name = {s.name: s for s in plan.shards}
@@ -199,6 +212,9 @@ def run_stage(
             log.info("%s: all %d shard(s) already done; nothing to do", name, len(plan.shards))
             return {"stage": name, "ran": 0, "skipped": len(plan.done), "manifest": manifest}
     failures = _execute(cfg, name, selected_range, sdir, plan.config_hash, workers, progress)
+    if force and len(failures) < len(selected_range):
+        # some outputs were replaced: the old manifest no longer describes the stage
+        (sdir / artifacts.MANIFEST).unlink(missing_ok=True)
     if failures:
         lines = "; ".join(f"{s}: {e}" for s, e in failures[:5])
         raise StageError(
@@ -210,6 +226,8 @@ def run_stage(
         if remaining:
             log.info("%s: %d shard(s) still to do; manifest not written yet", name, len(remaining))
         return {**summary, "remaining": len(remaining)}
+    if plan.orphans:
+        _clear(sdir, plan.orphans)
     summary["manifest"] = write_manifest(cfg, name, plan)
     return summary
 
@@ -232,8 +250,8 @@ def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[st
             try:
                 _run_shard(name, cfg, shard, sdir, chash)
             except Exception as exc:  # noqa: BLE001 - reported per shard, others continue
-                log.exception("%s: shard %s failed", name, shard.name)
-                failures.append((shard.name, f"{type(exc).__name__}: {exc}"))
+                _log_failure(name, shard.name, exc)
+                failures.append((shard.name, _describe(exc)))
             bar.update(1)
     else:
         ctx = multiprocessing.get_context("spawn")
@@ -244,11 +262,28 @@ def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[st
                     fut.result()
                 except Exception as exc:  # noqa: BLE001
                     shard = futures[fut].name
-                    log.error("%s: shard %s failed: %s", name, shard, exc)
-                    failures.append((shard, f"{type(exc).__name__}: {exc}"))
+                    log.error("%s: shard %s failed: %s", name, shard, _describe(exc))
+                    failures.append((shard, _describe(exc)))
                 bar.update(1)
     bar.close()
     return failures
+
+
+EXPECTED_ERRORS = (StageError, ValueError, FileNotFoundError)
+"""Errors that say what is wrong in their message (config, input, unreadable file): no traceback."""
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a failed shard: the message alone for expected errors, else type and message."""
+    text = " ".join(str(exc).split())[:400]
+    return text if isinstance(exc, EXPECTED_ERRORS) and text else f"{type(exc).__name__}: {text}"
+
+
+def _log_failure(name: str, shard: str, exc: BaseException) -> None:
+    if isinstance(exc, EXPECTED_ERRORS):
+        log.error("%s: shard %s failed: %s", name, shard, _describe(exc))
+    else:
+        log.exception("%s: shard %s failed", name, shard)
 
 
 def _sum_counts(records: list[dict]) -> dict[str, Any]:
@@ -299,7 +334,7 @@ def stage_status(cfg: PipelineConfig, name: str) -> dict[str, Any]:
     has_manifest = (sdir / artifacts.MANIFEST).is_file()
     try:
         plan = plan_stage(cfg, name)
-    except (FileNotFoundError, StageError, ImportError) as exc:
+    except (FileNotFoundError, StageError, ImportError, ValueError) as exc:
         return {"stage": name, "state": "waiting", "detail": str(exc).split("\n")[0]}
     total = len(plan.shards)
     if plan.stale or plan.orphans:

@@ -23,6 +23,7 @@ from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
+from pipeline.safeload import UnreadableFileError, load_npy, read_parquet
 from stages import kmeans
 from stages.cluster import embed_outputs, load_centers
 
@@ -59,9 +60,13 @@ def output_path(stage_dir: Path, shard: str) -> Path:
 def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
     """Assign one shard's pairs to their nearest fine centre."""
     fine, _, fine_to_coarse, _ = load_centers(cfg)
-    feats = torch.from_numpy(np.load(shard.inputs["features"]).astype(np.float32))
+    feats = torch.from_numpy(load_npy(shard.inputs["features"], "assign", ndim=2).astype(np.float32))
+    if feats.shape[1] != fine.shape[1]:
+        raise UnreadableFileError(
+            f"assign: {shard.inputs['features']} has {feats.shape[1]} columns, the centres {fine.shape[1]}"
+        )
     feats = torch.nn.functional.normalize(feats, dim=1)
-    captions = pq.read_table(cfg.run_dir / "prep" / "captions" / f"{shard.name}.parquet", columns=["pair_id", "key"])
+    captions = read_parquet(cfg.run_dir / "prep" / "captions" / f"{shard.name}.parquet", "assign", ["pair_id", "key"])
     if captions.num_rows != feats.shape[0]:
         raise ValueError(f"{shard.name}: {feats.shape[0]} feature rows but {captions.num_rows} captions")
     device = resolve_device(cfg.assign.device)

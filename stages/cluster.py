@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from pipeline import artifacts
-from pipeline.config import PipelineConfig, to_jsonable
+from pipeline.config import ConfigError, PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
+from pipeline.safeload import UnreadableFileError, torch_load
 from stages import kmeans
 
 
@@ -45,9 +46,27 @@ def embed_outputs(cfg: PipelineConfig) -> tuple[dict[str, Any], list[Path]]:
     return manifest, [edir / rel for rel in manifest["outputs"]]
 
 
+def sample_count(cfg: PipelineConfig, total: int) -> int:
+    """Pairs the fine centres are fitted on, out of ``total``.
+
+    Raises:
+        ConfigError: fewer than ``cluster.num_fine`` (a fine cluster would get no pair).
+    """
+    c = cfg.cluster
+    n = min(total, c.sample_size) if c.sample_size > 0 else max(1, round(total * c.sample_fraction))
+    if n < c.num_fine:
+        raise ConfigError(
+            f"cluster.num_fine: {c.num_fine} clusters need at least as many sampled pairs, got {n} "
+            f"(of {total}; see cluster.sample_fraction / cluster.sample_size)"
+        )
+    return n
+
+
 def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
-    """One global shard whose fingerprint covers every feature file."""
-    _, files = embed_outputs(cfg)
+    """One global shard whose fingerprint covers every feature file (checked before anything runs)."""
+    manifest, files = embed_outputs(cfg)
+    if "num_pairs" in manifest:
+        sample_count(cfg, int(manifest["num_pairs"]))
     return [Shard("all", artifacts.file_fingerprint(*files), {})]
 
 
@@ -56,10 +75,7 @@ def load_sample(cfg: PipelineConfig, files: list[Path]) -> tuple[np.ndarray, tor
     arrays = [np.load(f, mmap_mode="r") for f in files]
     sizes = np.array([a.shape[0] for a in arrays])
     total = int(sizes.sum())
-    c = cfg.cluster
-    n = min(total, c.sample_size) if c.sample_size > 0 else max(1, round(total * c.sample_fraction))
-    if n < c.num_fine:
-        raise ValueError(f"cluster.num_fine: {c.num_fine} clusters need at least as many sampled pairs, got {n}")
+    n = sample_count(cfg, total)
     rng = np.random.default_rng(cfg.run.seed)
     ids = np.sort(rng.choice(total, size=n, replace=False)) if n < total else np.arange(total)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -162,6 +178,9 @@ def load_centers(cfg: PipelineConfig) -> tuple[torch.Tensor, torch.Tensor, torch
     """Fine centres, coarse centres, fine→coarse map and the cluster manifest of a run."""
     cdir = cfg.run_dir / "cluster"
     manifest = artifacts.read_manifest(cdir, "cluster")
-    fine = torch.load(cdir / "fine_centers.pth", map_location="cpu")["center"]
-    coarse = torch.load(cdir / "coarse.pth", map_location="cpu")
-    return fine, coarse["coarse"], coarse["assign"], manifest
+    fine = torch_load(cdir / "fine_centers.pth", "cluster")
+    coarse = torch_load(cdir / "coarse.pth", "cluster")
+    try:
+        return fine["center"], coarse["coarse"], coarse["assign"], manifest
+    except (KeyError, TypeError, IndexError):
+        raise UnreadableFileError(f"cluster: {cdir} holds centre files of another layout; rerun cluster --force") from None

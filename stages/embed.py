@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import torchrun_stage
 from pipeline.runner import Shard, StageError
+from pipeline.safeload import read_parquet
 from stages import text_encoder
 from stages.text_encoder import DEVICE_ENV
 
@@ -90,7 +90,7 @@ def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
 
 def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
     """Embed one caption file into ``features/<shard>.npy``; return counts and model facts."""
-    captions = pq.read_table(shard.inputs["captions"], columns=["caption"]).column("caption").to_pylist()
+    captions = read_parquet(shard.inputs["captions"], "embed", ["caption"]).column("caption").to_pylist()
     texts = ["" if c is None else c for c in captions]
     empty = sum(1 for t in texts if not t.strip())
     encoder = _encoder(cfg)

@@ -108,7 +108,9 @@ def _member_groups(path: str, skipped: Counter) -> Iterator[tuple[str, dict[str,
     """Yield (key, {ext: bytes}) groups of consecutive members sharing a key (webdataset rule)."""
     current, group = None, {}
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        # ignore_zeros: a corrupt header is skipped block by block up to the next valid one, so
+        # one damaged member costs its own pair, not every pair after it.
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
             for member in tar:
                 if not member.isfile():
                     continue

@@ -9,7 +9,9 @@ Forms accepted (several joined with ``::``):
 * a folder: every ``*.tar`` below it, sorted;
 * ``file.csv`` / ``file.tsv``: one shard of ``filepath,caption`` rows (paths relative to the CSV).
 
-Missing shards are not an error here (MoDE ranges often have gaps); they are reported by count.
+Missing shards of a source are not an error here (MoDE ranges often have gaps); they are reported
+by count. A source that matches no file at all is an error (raised when prep lists its inputs,
+before anything is written).
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def expand_sources(train: str, layout: str = "auto") -> tuple[list[InputShard], 
     missing = 0
     for source, spec in enumerate(s for s in train.split("::") if s.strip()):
         found, miss = _expand_one(spec, source, layout)
+        if not found:
+            raise FileNotFoundError(f"data.train: no input shards: source {source + 1} '{spec.strip()}' matches no file")
         shards += found
         missing += miss
     if not shards:

@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.artifacts import atomic_path
 from pipeline.runner import StageError
+from pipeline.safeload import torch_load
 from training.models import unwrap
 
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -68,11 +69,14 @@ def prune_checkpoints(run_dir: Path, keep_last: int, pinned: frozenset[int] = fr
     return doomed
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU."""
+def load_checkpoint(path: Path, what: str = "--resume") -> dict[str, Any]:
+    """Read a checkpoint onto the CPU (``weights_only``: tensors and plain types, no code runs)."""
     if not Path(path).is_file():
-        raise StageError(f"--resume: no such checkpoint {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise StageError(f"{what}: no such checkpoint {path}")
+    state = torch_load(path, what)
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise StageError(f"{what}: {path} is not a training checkpoint (no 'model' and 'step')")
+    return state
 
 
 def check_world_size(state: dict[str, Any], world_size: int, path: Path) -> None:
@@ -86,10 +90,21 @@ def check_world_size(state: dict[str, Any], world_size: int, path: Path) -> None
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU and CUDA, numpy, python)."""
+    """This process's RNG states (torch CPU and CUDA, numpy, python) as tensors and plain types.
+
+    numpy's state is stored as a dict with the key table as a tensor, so checkpoints load with
+    ``weights_only=True``.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -100,7 +115,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -31,7 +31,16 @@ from typing import Any
 
 import torch.distributed as dist
 
-from pipeline.artifacts import MANIFEST, git_sha, read_json, read_manifest, write_json, write_text
+from pipeline.artifacts import (
+    MANIFEST,
+    CorruptArtifactError,
+    git_sha,
+    read_json,
+    read_manifest,
+    remove_stale_temps,
+    write_json,
+    write_text,
+)
 from pipeline.config import (
     ConfigError,
     PipelineConfig,
@@ -160,7 +169,7 @@ def choose_restore(spec: RunSpec, ctx: DistContext, resume: str, identity: dict[
     if path is None:
         if spec.branch_from is None:
             return Restore()
-        return Restore(ckpt.load_checkpoint(spec.branch_from), spec.branch_from, resume=False)
+        return Restore(ckpt.load_checkpoint(spec.branch_from, "train/seed"), spec.branch_from, resume=False)
     state = ckpt.load_checkpoint(path)
     ckpt.check_world_size(state, ctx.world_size, path)
     if state.get("identity_hash") != config_hash(identity):
@@ -290,6 +299,8 @@ def train_run(
     skipped = _skip_finished(spec, ctx, resume, identity)
     if skipped is not None:
         return skipped
+    if ctx.is_main:  # rank 0 is this run's only writer: temporary files here are a killed run's
+        remove_stale_temps(spec.run_dir)
     restore = choose_restore(spec, ctx, resume, identity)
     _warn_branch_world_size(restore, ctx)
     if ctx.is_main:
@@ -426,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         train_experts(
             cfg, args.expert, resume=args.resume, progress=not args.quiet, stop_at_step=args.stop_at_step
         )
-    except (ConfigError, StageError, FileNotFoundError) as exc:
+    except (ConfigError, StageError, FileNotFoundError, CorruptArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.safeload import LOAD_ERRORS, first_line, refuse_message
 
 log = logging.getLogger("training")
 
@@ -72,26 +74,38 @@ def check_model_name(name: str) -> None:
     raise ConfigError(f"train.model: unknown open_clip model '{name}' (ours: {ours}; or ViT-B-32, RN50, ...)")
 
 
-def create_model(name: str, pretrained: str = "", device: torch.device | str = "cpu") -> ModelBundle:
+def create_model(
+    name: str, pretrained: str = "", device: torch.device | str = "cpu", key: str = "train.pretrained"
+) -> ModelBundle:
     """Build an open_clip model (random init, or weights from a local file) with its transforms.
 
     Args:
         name: open_clip model name (``ViT-B-32``, ``mode-tiny-vit``, ``local-dir:/path``...).
         pretrained: Local checkpoint (state dict, or a dict with ``state_dict``); empty for random init.
         device: Where the model goes.
+        key: The config key ``pretrained`` came from (named in errors).
 
     Returns:
         The model in train mode, open_clip's train/val transforms and the tokenizer.
+
+    Raises:
+        ConfigError: the file is missing, unsafe (a pickle that could run code), unreadable, or
+            holds weights of another architecture.
     """
     check_model_name(name)
     if pretrained and not Path(pretrained).is_file():
-        raise FileNotFoundError(
-            f"train.pretrained: no such file {pretrained} (no downloads: give a local file)"
-        )
+        raise ConfigError(f"{key}: no such file {pretrained} (no downloads: give a local file)")
     with quiet_open_clip():
-        model, train_tf, val_tf = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device, weights_only=False
-        )
+        try:
+            model, train_tf, val_tf = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, device=device, weights_only=True
+            )
+        except pickle.UnpicklingError:
+            raise ConfigError(refuse_message(key, pretrained)) from None
+        except LOAD_ERRORS as exc:
+            if not pretrained:
+                raise
+            raise ConfigError(f"{key}: cannot load {pretrained} into '{name}': {first_line(exc)}") from None
         tokenizer = open_clip.get_tokenizer(name)
     return ModelBundle(model, train_tf, val_tf, tokenizer, name)
 
@@ -108,8 +122,8 @@ def create_teacher(spec: str, device: torch.device | str) -> ModelBundle:
     """Load the frozen reference model of ``train.teacher`` (eval mode, no gradients)."""
     name, path = parse_teacher(spec)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"train.teacher: no such checkpoint {path}")
-    bundle = create_model(name, path, device)
+        raise ConfigError(f"train.teacher: no such checkpoint {path}")
+    bundle = create_model(name, path, device, key="train.teacher")
     bundle.model.eval().requires_grad_(False)
     return bundle
 

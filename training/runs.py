@@ -146,7 +146,7 @@ def parse_targets(cfg: PipelineConfig, expert: str | int, num_experts: int) -> l
         return baseline_members(text, num_experts)
     if text.lstrip("-").isdigit():
         if not 0 <= int(text) < num_experts:
-            raise ConfigError(f"--expert {text}: out of range (the run has experts 0..{num_experts - 1})")
+            raise ConfigError(f"--expert {text}: out of range; the run has experts 0..{num_experts - 1}")
         return [expert_name(int(text))]
     try:
         spec_for(cfg, text, num_experts)

@@ -212,7 +212,7 @@ def test_expert_selection(tmp_path):
     assert launch._experts(cfg, "experts", 4) == ["0", "1", "2", "3"]
     assert launch._experts(cfg, "seed", 4) == [] and launch._experts(cfg, "02", 4) == ["2"]
     assert launch._experts(cfg, "baselines", 2) == ["dense", "random_split_0", "random_split_1"]
-    with pytest.raises(ConfigError, match=r"--expert 4: out of range \(the run has experts 0..3\)"):
+    with pytest.raises(ConfigError, match=r"--expert 4: out of range; the run has experts 0..3"):
         launch._experts(cfg, "4", 4)
 
 
