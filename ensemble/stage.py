@@ -49,6 +49,8 @@ OUTPUTS_DIR = "outputs"
 OUTPUT_VERSION = 1
 """Bump when the saved outputs change meaning, so cached ones are recomputed."""
 _RUNTIME_KEYS = ("device", "batch_size")
+UPSTREAM = ("embed", "cluster")
+"""Stage manifests this stage consumes (text model, centres); models are fingerprinted by content."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -112,7 +114,7 @@ def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
     centers, cmanifest = run_centers(cfg)
     emanifest = embed_manifest(cfg)
     specs = model_specs(cfg, centers.num_experts)
-    models = {s.name: artifacts.file_fingerprint(s.path) for s in specs}
+    models = {s.name: artifacts.file_fingerprint(s.path, cache=stage_dir) for s in specs}
     text_model = {k: emanifest.get(k) for k in ("model", "dim", "normalize", "pooling")}
     shards = []
     for task, evaluator in eval_tasks(cfg):
