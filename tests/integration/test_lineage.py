@@ -153,3 +153,24 @@ def test_adding_a_shard_redoes_only_the_new_shard(run, capsys):
     for name in ("train/seed", "train/expert_0", "train/expert_1"):
         assert status[name]["state"] == "done", status[name]
     assert "grew by 1 shard(s)" in status["train/expert_0"].get("note", "")
+
+
+def test_a_shard_listed_in_the_middle_gets_ids_after_the_existing_ones(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.runner import run_stage
+    from tests.conftest import overrides, pair_members, write_shard
+
+    root = tmp_path / "data"
+    for s in range(4):
+        write_shard(root / f"{s}.tar", sum((pair_members(f"{s}_{i}", f"caption {s} {i}") for i in range(3)), []))
+    first = load_config(None, overrides(tmp_path, f"{root}/{{0,1,3}}.tar"))
+    run_stage(first, "prep", progress=False)
+    prep = first.run_dir / "prep"
+    before = {p.name: p.read_bytes() for p in (prep / "captions").glob("*.parquet")}
+    summary = run_stage(load_config(None, overrides(tmp_path, f"{root}/{{0..3}}.tar")), "prep", progress=False)
+    assert summary["ran"] == 1
+    assert {p.name: p.read_bytes() for p in (prep / "captions").glob("*.parquet") if p.name in before} == before
+    index = pq.read_table(prep / "shards.parquet").to_pylist()
+    assert [(r["shard"], r["offset"]) for r in index] == [("s0_0", 0), ("s0_1", 3), ("s0_3", 6), ("s0_2", 9)]
+    ids = pq.read_table(prep / "captions" / "s0_2.parquet").column("pair_id").to_pylist()
+    assert ids == [9, 10, 11]
