@@ -36,7 +36,7 @@ from ensemble.datasets import EvalTask, discover_tasks, load_task
 from ensemble.evaluators import Embed, evaluator_for, get_evaluator
 from ensemble.models import SEED, ModelSpec, load_clip, model_specs
 from ensemble.routing import Centers, entropy_bits
-from pipeline import artifacts
+from pipeline import artifacts, experts
 from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
@@ -344,7 +344,7 @@ def _write_files(
         metric_tables=metric_tables,
         images=images,
     )
-    artifacts.write_text(stage_dir / "report.md", text)
+    artifacts.write_text(stage_dir / "report.md", text + experts.markdown_section(cfg))
 
 
 if __name__ == "__main__":
