@@ -102,7 +102,7 @@ def _upstream_state(cfg: PipelineConfig, module, memo: dict) -> tuple[dict[str, 
             continue
         try:
             plan = memo[up] if up in memo else plan_stage(cfg, up, _memo=memo)
-        except (FileNotFoundError, StageError, ImportError, OSError):
+        except (FileNotFoundError, StageError, ImportError, OSError, KeyError, ValueError):
             continue
         if plan.upstream_stale:
             reason = plan.upstream_stale

@@ -118,7 +118,7 @@ def upstream_stale(cfg: PipelineConfig, *, uses_assign: bool) -> str:
     stage = data_stage(uses_assign)
     try:
         plan = plan_stage(cfg, stage)
-    except (FileNotFoundError, StageError, ImportError, OSError):
+    except (FileNotFoundError, StageError, ImportError, OSError, KeyError, ValueError):
         return ""
     if plan.upstream_stale:
         return plan.upstream_stale
