@@ -10,14 +10,16 @@ LAUNCHER ?= local
 NPROC ?= 1
 STAMP := $(VENV)/.installed
 CLI := $(PY) -m pipeline
+FORCE ?=
 ARGS = --config $(CONFIG) --launcher $(LAUNCHER) $(foreach s,$(SET),--set $(s))
+FORCE_ARG = $(if $(FORCE),--force)
 
 .PHONY: help setup demo test test-fast prep embed cluster assign train ensemble run status bench lint clean-demo
 
 help:  ## list targets
 	@echo "MoDE data-expert pipeline. Targets (CONFIG=$(CONFIG)):"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "Variables: CONFIG=configs/<name>.yaml  EXPERT=<k>|seed|all  SET='a.b=c ...'  LAUNCHER=local|slurm  NPROC=<gpus>"
+	@echo "Variables: CONFIG=configs/<name>.yaml  EXPERT=<k>|seed|all  SET='a.b=c ...'  LAUNCHER=local|slurm  NPROC=<gpus>  FORCE=1 (redo: --force)"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -40,35 +42,35 @@ test-fast: $(STAMP)  ## unit tests only
 	$(PY) -m pytest -q tests/unit
 
 prep: $(STAMP)  ## captions + pair ids → Parquet
-	$(CLI) prep $(ARGS)
+	$(CLI) prep $(ARGS) $(FORCE_ARG)
 
 embed: $(STAMP)  ## caption features
-	$(CLI) embed $(ARGS)
+	$(CLI) embed $(ARGS) $(FORCE_ARG)
 
 cluster: $(STAMP)  ## fine + coarse clustering, then assignment of every pair (slurm: cluster only)
-	$(CLI) cluster $(ARGS)
+	$(CLI) cluster $(ARGS) $(FORCE_ARG)
 ifneq ($(LAUNCHER),slurm)
-	$(CLI) assign $(ARGS)
+	$(CLI) assign $(ARGS) $(FORCE_ARG)
 endif
 
 assign: $(STAMP)  ## assignment only
-	$(CLI) assign $(ARGS)
+	$(CLI) assign $(ARGS) $(FORCE_ARG)
 
 train: $(STAMP)  ## train EXPERT=<k>|seed|all (NPROC>1 uses torchrun)
 ifeq ($(NPROC),1)
-	$(CLI) train $(ARGS) --expert $(EXPERT)
+	$(CLI) train $(ARGS) --expert $(EXPERT) $(FORCE_ARG)
 else
-	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m training.main --config $(CONFIG) --expert $(EXPERT) $(foreach s,$(SET),--set $(s))
+	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m training.main --config $(CONFIG) --expert $(EXPERT) $(foreach s,$(SET),--set $(s)) $(if $(FORCE),--resume none)
 endif
 
 ensemble: $(STAMP)  ## evaluate experts, route, write the report
-	$(CLI) ensemble $(ARGS)
+	$(CLI) ensemble $(ARGS) $(FORCE_ARG)
 
 run: $(STAMP)  ## every stage in order, skipping finished work
-	$(CLI) run $(ARGS)
+	$(CLI) run $(ARGS) $(FORCE_ARG)
 
 status: $(STAMP)  ## what is done, counts, what is stale
-	$(CLI) status --config $(CONFIG)
+	$(CLI) status --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
 bench: $(STAMP)  ## benchmarks (speed figures; not tests)
 	$(PY) benchmarks/run_all.py --config $(CONFIG)

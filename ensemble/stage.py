@@ -50,7 +50,7 @@ from ensemble.routing import (
 )
 from ensemble.scoring import Intervals, TaskScores, bootstrap_report, score_task
 from ensemble.systems import System, extra_columns, seed_convergence, systems_of, training_compute
-from pipeline import artifacts
+from pipeline import artifacts, experts
 from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
@@ -63,6 +63,8 @@ OUTPUTS_DIR = "outputs"
 OUTPUT_VERSION = 1
 """Bump when the saved outputs change meaning, so cached ones are recomputed."""
 _RUNTIME_KEYS = ("device", "batch_size")
+UPSTREAM = ("embed", "cluster")
+"""Stage manifests this stage consumes (text model, centres); models are fingerprinted by content."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -180,7 +182,7 @@ def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
     centers, cmanifest = run_centers(cfg)
     emanifest = embed_manifest(cfg)
     specs = model_specs(cfg, centers.num_experts)
-    models = {s.name: artifacts.file_fingerprint(s.path) for s in specs}
+    models = {s.name: artifacts.file_fingerprint(s.path, cache=stage_dir) for s in specs}
     text_model = {k: emanifest.get(k) for k in ("model", "dim", "normalize", "pooling")}
     shards = []
     for task, evaluator in eval_tasks(cfg):
@@ -419,7 +421,7 @@ def _write_files(
         context=context,
         resamples=cfg.ensemble.bootstrap_resamples,
     )
-    artifacts.write_text(stage_dir / "report.md", text)
+    artifacts.write_text(stage_dir / "report.md", text + experts.markdown_section(cfg))
 
 
 if __name__ == "__main__":

@@ -98,13 +98,83 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def file_fingerprint(*paths: str | Path) -> str:
-    """Cheap identity of input files: path, size and modification time (ns)."""
-    h = hashlib.sha256()
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
+DIGEST_CACHE = "_digests.json"
+"""Per-stage cache of content digests, keyed by (absolute path, size, mtime)."""
+_DIGEST_CHARS = 32
+_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def content_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (first 32 hex digits): its identity wherever it lives."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:_DIGEST_CHARS]
+
+
+class DigestCache:
+    """Content digests of files, cached per ``(path, size, mtime_ns)`` in ``<folder>/_digests.json``.
+
+    A file whose path, size and mtime match its cache entry is not read again (one ``stat``); any
+    change (an edit, a copy without ``-p``, a moved folder) falls back to hashing the content, so the
+    digest, and with it the fingerprint, only changes when the bytes do.
+    """
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.path = Path(folder) / DIGEST_CACHE if folder is not None else None
+        self.entries: dict[str, list] = {}
+        self.dirty = False
+        if self.path is not None and self.path.is_file():
+            try:
+                self.entries = read_json(self.path)
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def digest(self, path: str | Path) -> str:
+        """The content digest of ``path`` (hashing it only when its stat changed)."""
+        key = os.path.abspath(path)
+        st = os.stat(key)
+        stat = (key, st.st_size, st.st_mtime_ns)
+        entry = self.entries.get(key)
+        if entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            return entry[2]
+        digest = _MEMO.get(stat) or content_digest(key)
+        _MEMO[stat] = digest
+        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.dirty = True
+        return digest
+
+    def prefetch(self, paths: list[str | Path], workers: int = 8) -> None:
+        """Hash the files whose entries are missing or out of date, ``workers`` threads at a time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if len(paths) > 1 and workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(self.digest, paths))
+
+    def fingerprint(self, *paths: str | Path) -> str:
+        """Identity of a group of files: the digests of their contents, in order (not their paths)."""
+        h = hashlib.sha256()
+        for p in paths:
+            h.update(f"{self.digest(p)};".encode())
+        return h.hexdigest()[:16]
+
+    def save(self) -> None:
+        """Write the cache back (only when something was hashed and the folder exists)."""
+        if self.dirty and self.path is not None and self.path.parent.is_dir():
+            write_json(self.path, self.entries)
+            self.dirty = False
+
+
+def file_fingerprint(*paths: str | Path, cache: str | Path | None = None) -> str:
+    """Content identity of input files (see :class:`DigestCache`); ``cache``: a stage folder."""
+    digests = DigestCache(cache)
+    fp = digests.fingerprint(*paths)
+    digests.save()
+    return fp
+
+
+def object_digest(obj: Any) -> str:
+    """Short digest of a JSON-able object (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def done_path(stage_dir: Path, shard: str) -> Path:

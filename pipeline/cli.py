@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.artifacts import CorruptArtifactError
 from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
+from pipeline.lineage import remember_invocation
 from pipeline.runner import STAGE_MODULES, StageError, run_stage, stage_status
 
 log = logging.getLogger("pipeline")
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--expert", default="0", help="expert index, 'seed' or 'all' (default 0)")
     p.add_argument("--resume", default="latest", help="'latest' (default), 'none' or a checkpoint path")
+    p.add_argument("--force", action="store_true", help="retrain from scratch (same as --resume none)")
     p = sub.add_parser("run", help="every stage in order, skipping finished work")
     _common(p)
     p.add_argument("--until", choices=RUN_ORDER, default="ensemble", help="last stage to run")
@@ -127,6 +129,8 @@ def cmd_stage(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 def cmd_train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """Train in this process (one rank); DDP runs go through ``torchrun -m training.main``."""
     kind = args.launcher or cfg.launcher.kind
+    if args.force:
+        args.resume = "none"
     if kind == "slurm":
         from pipeline.launch import submit_train
 
@@ -187,6 +191,7 @@ def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         counts = row.get("counts") or {}
         out = f"  out={counts['out']}" if "out" in counts else ""
         detail = f"  {row['detail']}" if row.get("detail") else ""
+        detail += f"  ({row['note']})" if row.get("note") else ""
         print(f"  {row['stage']:<16} {row['state']:<12} {progress:>11}{out}{extra}{detail}")
     return 0
 
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("faiss", "matplotlib", "sentence_transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = remember_invocation(load_config(args.config, args.overrides), args.config, args.overrides)
         if getattr(args, "launcher", None):
             cfg.launcher.kind = args.launcher
         handler = COMMANDS.get(args.command, cmd_stage)

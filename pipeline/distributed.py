@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
+from pipeline.lineage import remember_invocation
 from pipeline.runner import StageError, run_stage
 
 
@@ -54,7 +55,7 @@ def torchrun_stage(
     args = _parse_args(name, argv)
     rank, world, local_rank = env_rank()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = remember_invocation(load_config(args.config, args.overrides), args.config, args.overrides)
         if setup is not None:
             setup(cfg, local_rank)
     except (ConfigError, FileNotFoundError) as exc:

@@ -29,7 +29,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipeline import artifacts
+from pipeline import artifacts, lineage
 from pipeline.config import PipelineConfig, config_hash, diff_keys, dump_yaml, to_jsonable
 
 log = logging.getLogger("pipeline")
@@ -68,6 +68,12 @@ class StagePlan:
     stale: list[str]
     todo: list[str]
     orphans: list[str]
+    upstream: dict[str, str] = field(default_factory=dict)
+    """Lineage digests of the upstream manifests this stage consumes (``UPSTREAM`` of its module)."""
+    upstream_stale: str = ""
+    """Why an upstream stage is stale under the current config ('' when none is)."""
+    upstream_changed: dict[str, list[str]] = field(default_factory=dict)
+    """Upstream stage → this stage's shards made from another version of it."""
 
 
 def load_stage(name: str):
@@ -82,11 +88,37 @@ def stage_dir(cfg: PipelineConfig, name: str) -> Path:
     return cfg.run_dir / name
 
 
-def plan_stage(cfg: PipelineConfig, name: str) -> StagePlan:
-    """Compare the stage's shards with the completion records on disk."""
+def _upstream_state(cfg: PipelineConfig, module, memo: dict) -> tuple[dict[str, str], str]:
+    """Current lineage digests of the stage's upstream manifests, and why one of them is stale.
+
+    An upstream is stale when its own shards are (another config, other inputs) or, transitively,
+    one of its upstreams is; the reason names the stage nearest the root of the change.
+    """
+    digests, reason = {}, ""
+    for up in getattr(module, "UPSTREAM", ()):
+        found = lineage.read_lineage(stage_dir(cfg, up))
+        if found is not None:
+            digests[up] = found[0]
+        if reason:
+            continue
+        try:
+            plan = memo[up] if up in memo else plan_stage(cfg, up, _memo=memo)
+        except (FileNotFoundError, StageError, ImportError, OSError, KeyError, ValueError):
+            continue
+        if plan.upstream_stale:
+            reason = plan.upstream_stale
+        elif plan.stale or plan.orphans:
+            reason = f"upstream {stale_reason(cfg, up, plan)}"
+    return digests, reason
+
+
+def plan_stage(cfg: PipelineConfig, name: str, *, _memo: dict | None = None) -> StagePlan:
+    """Compare the stage's shards with the completion records on disk (and its upstreams' state)."""
+    memo = {} if _memo is None else _memo
     module = load_stage(name)
     sdir = stage_dir(cfg, name)
     chash = config_hash(module.hash_inputs(cfg))
+    upstream, upstream_stale = _upstream_state(cfg, module, memo)
     try:
         shards = module.list_shards(cfg, sdir)
     except (KeyError, TypeError, AttributeError, IndexError) as exc:
@@ -98,6 +130,7 @@ def plan_stage(cfg: PipelineConfig, name: str) -> StagePlan:
         dup = [n for n, c in Counter(names).items() if c > 1][:3]
         raise StageError(f"{name}: duplicate shard names {dup}; give sources distinct paths")
     done, stale, todo = [], [], []
+    changed: dict[str, list[str]] = {}
     for shard in shards:
         rec_path = artifacts.done_path(sdir, shard.name)
         if not rec_path.is_file():
@@ -105,31 +138,67 @@ def plan_stage(cfg: PipelineConfig, name: str) -> StagePlan:
             continue
         rec = artifacts.read_json(rec_path)
         same = rec.get("config_hash") == chash and rec.get("fingerprint") == shard.fingerprint
+        for up, digest in rec.get("upstream", {}).items():
+            if upstream.get(up, digest) != digest:
+                changed.setdefault(up, []).append(shard.name)
+                same = False
         (done if same else stale).append(shard.name)
     known = set(names)
     orphans = sorted(
         p.stem for p in (sdir / artifacts.DONE_DIR).glob("*.json") if p.stem not in known
     )
-    return StagePlan(name, chash, shards, done, stale, todo, orphans)
+    plan = StagePlan(name, chash, shards, done, stale, todo, orphans, upstream, upstream_stale, changed)
+    memo[name] = plan
+    return plan
+
+
+def stale_reason(cfg: PipelineConfig, name: str, plan: StagePlan) -> str:
+    """``<stage> is stale (<why>)``: changed keys, changed upstreams, changed or dropped inputs."""
+    module = load_stage(name)
+    why = []
+    saved = stage_dir(cfg, name) / "_hashed_config.json"
+    if saved.is_file():
+        changed = diff_keys(artifacts.read_json(saved), to_jsonable(module.hash_inputs(cfg)))
+        if changed:
+            why.append("changed: " + ", ".join(changed[:8]))
+    for up in plan.upstream_changed:
+        why.append(f"upstream {up} changed: {_upstream_change(cfg, name, up)}")
+    if not why and plan.stale:
+        why.append(f"{len(plan.stale)} shard(s) have other inputs")
+    if plan.orphans:
+        why.append(f"{len(plan.orphans)} finished shard(s) no longer listed")
+    return f"{name} is stale ({'; '.join(why)})"
+
+
+def _upstream_change(cfg: PipelineConfig, name: str, up: str) -> str:
+    path = stage_dir(cfg, name) / artifacts.MANIFEST
+    saved = artifacts.read_json(path).get("upstream_lineage", {}).get(up) if path.is_file() else None
+    now = lineage.read_lineage(stage_dir(cfg, up))
+    return lineage.describe_change(saved, now[1] if now else {})
 
 
 def _stale_message(cfg: PipelineConfig, name: str, plan: StagePlan) -> str:
-    module = load_stage(name)
+    if plan.upstream_stale:
+        root = plan.upstream_stale.split(" ", 2)[1]
+        return (
+            f"{name}: {plan.upstream_stale}; redo it first: {lineage.suggest(cfg, f'{root} --force')}"
+        )
     parts = []
     if plan.stale:
         parts.append(f"{len(plan.stale)} shard(s) were made with another config or other inputs")
     if plan.orphans:
         parts.append(f"{len(plan.orphans)} finished shard(s) are no longer in the input listing")
-    saved = stage_dir(cfg, name) / "_hashed_config.json"
-    if saved.is_file():
-        now = to_jsonable(module.hash_inputs(cfg))
-        changed = diff_keys(artifacts.read_json(saved), now)
-        if changed:
-            parts.append("changed: " + ", ".join(changed[:8]))
-    return f"{name}: " + "; ".join(parts) + f". Rerun with --force to redo ({stage_dir(cfg, name)})."
+    reason = stale_reason(cfg, name, plan)
+    detail = reason[reason.index("(") + 1 : -1]
+    return (
+        f"{name}: " + "; ".join(parts) + f" ({detail}). Redo with {lineage.suggest(cfg, f'{name} --force')} "
+        f"({stage_dir(cfg, name)})."
+    )
 
 
-def _run_shard(name: str, cfg: PipelineConfig, shard: Shard, sdir: Path, chash: str) -> dict:
+def _run_shard(
+    name: str, cfg: PipelineConfig, shard: Shard, sdir: Path, chash: str, upstream: dict | None = None
+) -> dict:
     """Process one shard and write its completion record (after its outputs)."""
     module = load_stage(name)
     start = time.perf_counter()
@@ -138,6 +207,7 @@ def _run_shard(name: str, cfg: PipelineConfig, shard: Shard, sdir: Path, chash: 
         "shard": shard.name,
         "fingerprint": shard.fingerprint,
         "config_hash": chash,
+        "upstream": upstream or {},
         "seconds": round(time.perf_counter() - start, 3),
         "git_sha": artifacts.git_sha(),
         **counts,
@@ -188,7 +258,7 @@ def run_stage(
     sdir = stage_dir(cfg, name)
     plan = plan_stage(cfg, name)  # lists the inputs first: bad inputs fail before anything is written
     sdir.mkdir(parents=True, exist_ok=True)
-    if (plan.stale or plan.orphans) and not force:
+    if plan.upstream_stale or ((plan.stale or plan.orphans) and not force):
         raise StageError(_stale_message(cfg, name, plan))
     if force:
         # Nothing is removed before its replacement is complete: the shards to redo are run again
@@ -208,10 +278,10 @@ def run_stage(
     selected_range = [s for s in _select(plan.shards, shard_range, stride) if s.name in todo]
     if not selected_range and (sdir / artifacts.MANIFEST).is_file() and not plan.todo:
         manifest = artifacts.read_json(sdir / artifacts.MANIFEST)
-        if manifest.get("config_hash") == plan.config_hash:
+        if _manifest_current(manifest, plan):
             log.info("%s: all %d shard(s) already done; nothing to do", name, len(plan.shards))
             return {"stage": name, "ran": 0, "skipped": len(plan.done), "manifest": manifest}
-    failures = _execute(cfg, name, selected_range, sdir, plan.config_hash, workers, progress)
+    failures = _execute(cfg, name, selected_range, sdir, (plan.config_hash, plan.upstream), workers, progress)
     if force and len(failures) < len(selected_range):
         # some outputs were replaced: the old manifest no longer describes the stage
         (sdir / artifacts.MANIFEST).unlink(missing_ok=True)
@@ -232,6 +302,21 @@ def run_stage(
     return summary
 
 
+def _locations(plan: StagePlan) -> str:
+    """Digest of where the shards' inputs are (paths): a moved input only re-finalizes."""
+    return artifacts.object_digest([[s.name, s.inputs] for s in plan.shards])
+
+
+def _manifest_current(manifest: dict[str, Any], plan: StagePlan) -> bool:
+    """The manifest describes exactly these shards, config, upstreams and input locations."""
+    return (
+        manifest.get("config_hash") == plan.config_hash
+        and manifest.get("inputs") == {s.name: s.fingerprint for s in plan.shards}
+        and manifest.get("lineage", {}).get("upstream", plan.upstream) == plan.upstream
+        and manifest.get("locations", "") == _locations(plan)
+    )
+
+
 def _clear(sdir: Path, names: list[str]) -> None:
     for shard in names:
         artifacts.done_path(sdir, shard).unlink(missing_ok=True)
@@ -239,7 +324,11 @@ def _clear(sdir: Path, names: list[str]) -> None:
 
 
 def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[str, str]]:
-    """Run shards in-process or in a pool; return (shard, error) for the failures."""
+    """Run shards in-process or in a pool; return (shard, error) for the failures.
+
+    ``chash`` is ``(config_hash, upstream lineage digests)``, both written into every record.
+    """
+    chash, upstream = chash
     workers = cfg.run.workers if workers is None else workers
     failures: list[tuple[str, str]] = []
     if not shards:
@@ -248,7 +337,7 @@ def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[st
     if workers <= 1 or len(shards) == 1:
         for shard in shards:
             try:
-                _run_shard(name, cfg, shard, sdir, chash)
+                _run_shard(name, cfg, shard, sdir, chash, upstream)
             except Exception as exc:  # noqa: BLE001 - reported per shard, others continue
                 _log_failure(name, shard.name, exc)
                 failures.append((shard.name, _describe(exc)))
@@ -256,7 +345,7 @@ def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[st
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(shards)), mp_context=ctx) as pool:
-            futures = {pool.submit(_run_shard, name, cfg, s, sdir, chash): s for s in shards}
+            futures = {pool.submit(_run_shard, name, cfg, s, sdir, chash, upstream): s for s in shards}
             for fut in as_completed(futures):
                 try:
                     fut.result()
@@ -302,11 +391,22 @@ def write_manifest(cfg: PipelineConfig, name: str, plan: StagePlan) -> dict[str,
     sdir = stage_dir(cfg, name)
     records = [artifacts.read_json(artifacts.done_path(sdir, s.name)) for s in plan.shards]
     extra = module.finalize(cfg, sdir, records) if hasattr(module, "finalize") else {}
+    block = lineage.lineage_block(
+        to_jsonable(module.hash_inputs(cfg)), plan.upstream, extra.pop("outputs_digest", None)
+    )
+    upstream_lineage = {}
+    for up in plan.upstream:
+        found = lineage.read_lineage(stage_dir(cfg, up))
+        upstream_lineage[up] = found[1] if found else {}
     manifest = {
         "stage": name,
         "config_hash": plan.config_hash,
         "config": to_jsonable(module.hash_inputs(cfg)),
         "inputs": {s.name: s.fingerprint for s in plan.shards},
+        "locations": _locations(plan),
+        "lineage": block,
+        "lineage_digest": lineage.digest(block),
+        "upstream_lineage": upstream_lineage,
         "outputs": [],
         "counts": _sum_counts(records),
         "num_shards": len(plan.shards),
@@ -337,8 +437,11 @@ def stage_status(cfg: PipelineConfig, name: str) -> dict[str, Any]:
     except (FileNotFoundError, StageError, ImportError, ValueError) as exc:
         return {"stage": name, "state": "waiting", "detail": str(exc).split("\n")[0]}
     total = len(plan.shards)
-    if plan.stale or plan.orphans:
-        state = "stale"
+    reason = ""
+    if plan.upstream_stale:
+        state, reason = "stale", plan.upstream_stale
+    elif plan.stale or plan.orphans:
+        state, reason = "stale", stale_reason(cfg, name, plan)
     elif has_manifest and not plan.todo:
         state = "done"
     elif plan.done:
@@ -355,4 +458,5 @@ def stage_status(cfg: PipelineConfig, name: str) -> dict[str, Any]:
         "shards_total": total,
         "stale": len(plan.stale) + len(plan.orphans),
         "counts": counts,
+        **({"detail": reason} if reason else {}),
     }

@@ -38,6 +38,10 @@ SCHEMA = pa.schema(
 )
 
 
+UPSTREAM = ("prep", "embed", "cluster")
+"""Stages whose manifests this stage consumes (captions' pair ids, features, centres)."""
+
+
 def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     """Assignment depends on its own backend settings only through the centres (exact search)."""
     return {"metric": cfg.cluster.metric, "num_fine": cfg.cluster.num_fine, "num_experts": cfg.cluster.num_experts}
@@ -49,7 +53,10 @@ def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
     cdir = cfg.run_dir / "cluster"
     artifacts.read_manifest(cdir, "cluster")
     centres = [cdir / "fine_centers.pth", cdir / "coarse.pth"]
-    return [Shard(f.stem, artifacts.file_fingerprint(f, *centres), {"features": str(f)}) for f in files]
+    digests = artifacts.DigestCache(stage_dir)
+    shards = [Shard(f.stem, digests.fingerprint(f, *centres), {"features": str(f)}) for f in files]
+    digests.save()
+    return shards
 
 
 def output_path(stage_dir: Path, shard: str) -> Path:

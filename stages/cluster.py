@@ -32,6 +32,9 @@ from pipeline.runner import Shard
 from pipeline.safeload import UnreadableFileError, torch_load
 from stages import kmeans
 
+UPSTREAM = ("embed",)
+"""Stages whose manifests this stage consumes."""
+
 
 def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     """The cluster section without runtime-only fields, plus the seed."""
@@ -63,11 +66,24 @@ def sample_count(cfg: PipelineConfig, total: int) -> int:
 
 
 def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
-    """One global shard whose fingerprint covers every feature file (checked before anything runs)."""
+    """One global shard whose fingerprint covers the feature files the centres were fitted on.
+
+    Before the first fit that is every feature file. Afterwards it is the files named in the
+    completion record (``fitted_shards``) while they are all still there: shards added since
+    (growth) do not make the clustering stale; their pairs are assigned to the existing centres.
+    """
     manifest, files = embed_outputs(cfg)
     if "num_pairs" in manifest:
         sample_count(cfg, int(manifest["num_pairs"]))
-    return [Shard("all", artifacts.file_fingerprint(*files), {})]
+    record = artifacts.done_path(stage_dir, "all")
+    fitted = artifacts.read_json(record).get("fitted_shards") if record.is_file() else None
+    by_stem = {f.stem: f for f in files}
+    if fitted and set(fitted) <= set(by_stem):
+        files = [by_stem[name] for name in fitted]
+    digests = artifacts.DigestCache(stage_dir)
+    shard = Shard("all", digests.fingerprint(*files), {"fitted_shards": [f.stem for f in files]})
+    digests.save()
+    return [shard]
 
 
 def load_sample(cfg: PipelineConfig, files: list[Path]) -> tuple[np.ndarray, torch.Tensor]:
@@ -113,7 +129,7 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
     stats = _fit_stats(fine, fine_to_coarse, c.num_experts, len(ids))
     artifacts.write_json(stage_dir / "fit_stats.json", stats)
     _plot_sizes(stage_dir / "cluster_sizes.png", fine.sizes, stats["expert_sample_sizes"])
-    return {"in": len(ids), "out": c.num_fine, "skipped": {}}
+    return {"in": len(ids), "out": c.num_fine, "skipped": {}, "fitted_shards": [f.stem for f in files]}
 
 
 def _save(stage_dir: Path, fine, coarse_centers, fine_to_coarse, ids: np.ndarray) -> None:
@@ -164,7 +180,10 @@ def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[
     """Manifest fields: the files, the fit statistics and a digest of the centres."""
     stats = json.loads((stage_dir / "fit_stats.json").read_text())
     digest = hashlib.sha256((stage_dir / "fine_centers.pth").read_bytes()).hexdigest()[:16]
+    coarse = artifacts.content_digest(stage_dir / "coarse.pth")
     return {
+        "outputs_digest": f"{digest}:{coarse}",
+        "fitted_shards": records[0].get("fitted_shards", []) if records else [],
         "outputs": ["fine_centers.pth", "coarse.pth", "sample_ids.npy", "cluster_sizes.png"],
         "num_fine": cfg.cluster.num_fine,
         "num_experts": cfg.cluster.num_experts,

@@ -52,6 +52,10 @@ _threads_configured = False
 # --------------------------------------------------------------------------- stage contract
 
 
+UPSTREAM = ("prep",)
+"""Stages whose manifests this stage consumes."""
+
+
 def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     """The embed section minus runtime choices (device, batch size), keyed like ``--set embed.*``."""
     section = to_jsonable(cfg.embed)
@@ -78,13 +82,15 @@ def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
     pdir = prep_dir(cfg)
     manifest = artifacts.read_manifest(pdir, "prep")
     shards = []
+    digests = artifacts.DigestCache(stage_dir)
     for rel in manifest["outputs"]:
         path = pdir / rel
         if not path.is_file():
             raise FileNotFoundError(
                 f"embed: prep output {path} is missing; rerun `python -m pipeline prep --force`"
             )
-        shards.append(Shard(Path(rel).stem, artifacts.file_fingerprint(path), {"captions": str(path)}))
+        shards.append(Shard(Path(rel).stem, digests.fingerprint(path), {"captions": str(path)}))
+    digests.save()
     return shards
 
 

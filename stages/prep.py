@@ -51,10 +51,17 @@ SCHEMA = pa.schema(
 _OFFSET_META = b"pair_id_offset"
 
 
+UPSTREAM: tuple[str, ...] = ()
+"""Stages whose manifests this stage consumes (none: prep reads the raw data)."""
+
+
 def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    """Prep outputs depend on the sources, the prep section and the seed (caption choice)."""
+    """Prep outputs depend on the prep section and the seed (caption choice).
+
+    Not on the ``data.train`` listing: each shard is identified by the content digest of its file,
+    so adding shards only adds work (docs/growth.md) and a removed shard shows up as no longer listed.
+    """
     return {
-        "train": cfg.data.train,
         "layout": cfg.data.layout,
         "prep": cfg.prep,
         "seed": cfg.run.seed,
@@ -62,12 +69,16 @@ def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
-    """One shard per input tar / CSV file."""
+    """One shard per input tar / CSV file, fingerprinted by its content (cached per path/size/mtime)."""
     inputs, _missing = expand_sources(cfg.data.train, cfg.data.layout)
-    return [
-        Shard(s.name, artifacts.file_fingerprint(s.path), {"path": s.path, "kind": s.kind, "source": s.source})
+    digests = artifacts.DigestCache(stage_dir)
+    digests.prefetch([s.path for s in inputs], workers=max(1, cfg.run.workers) * 2)
+    shards = [
+        Shard(s.name, digests.fingerprint(s.path), {"path": s.path, "kind": s.kind, "source": s.source})
         for s in inputs
     ]
+    digests.save()
+    return shards
 
 
 def caption_path(stage_dir: Path, shard: str) -> Path:
@@ -282,31 +293,54 @@ def _csv_row(cfg, row: dict, base: Path, skipped: Counter) -> str | None:
 
 
 def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[str, Any]:
-    """Assign dense pair ids in shard order and write the pair-id index ``shards.parquet``."""
+    """Assign dense pair ids and write the pair-id index ``shards.parquet`` (rows in id order)."""
     shards, missing = expand_sources(cfg.data.train, cfg.data.layout)
+    counts = {shard.name: rec["out"] for shard, rec in zip(shards, records, strict=True)}
+    by_name = {shard.name: shard for shard in shards}
     offset, rows = 0, []
-    for shard, rec in zip(shards, records, strict=True):
-        _stamp_pair_ids(caption_path(stage_dir, shard.name), offset)
+    for name in id_order(stage_dir, counts, [s.name for s in shards]):
+        shard = by_name[name]
+        _stamp_pair_ids(caption_path(stage_dir, name), offset)
         rows.append(
             {
-                "shard": shard.name,
+                "shard": name,
                 "path": shard.path,
                 "kind": shard.kind,
                 "source": shard.source,
                 "offset": offset,
-                "count": rec["out"],
+                "count": counts[name],
             }
         )
-        offset += rec["out"]
+        offset += counts[name]
     index = pa.Table.from_pylist(rows)
     with artifacts.atomic_path(stage_dir / "shards.parquet") as tmp:
         pq.write_table(index, tmp)
     return {
         "num_pairs": offset,
         "missing_input_files": missing,
-        "outputs": [str(caption_path(stage_dir, s.name).relative_to(stage_dir)) for s in shards],
+        "outputs": [str(caption_path(stage_dir, r["shard"]).relative_to(stage_dir)) for r in rows],
         "index": "shards.parquet",
     }
+
+
+def id_order(stage_dir: Path, counts: dict[str, int], listing: list[str]) -> list[str]:
+    """The order in which shards get pair ids: the order they were first seen.
+
+    Shards already in ``shards.parquet`` keep their place (and so their ids) as long as every one of
+    them is still listed with the same pair count; shards seen for the first time follow, in listing
+    order, so a new shard whose name sorts in the middle of a brace list still gets the ids after
+    the existing ones. A removed or re-counted shard renumbers everything in listing order (its
+    downstream outputs are redone anyway).
+    """
+    path = stage_dir / "shards.parquet"
+    if not path.is_file():
+        return listing
+    previous = pq.read_table(path, columns=["shard", "count"]).to_pylist()
+    if any(counts.get(row["shard"]) != row["count"] for row in previous):
+        return listing
+    seen = [row["shard"] for row in previous]
+    known = set(seen)
+    return seen + [name for name in listing if name not in known]
 
 
 def _stamp_pair_ids(path: Path, offset: int) -> None:

@@ -36,7 +36,6 @@ from pipeline.artifacts import (
     CorruptArtifactError,
     git_sha,
     read_json,
-    read_manifest,
     remove_stale_temps,
     write_json,
     write_text,
@@ -51,9 +50,10 @@ from pipeline.config import (
     load_config,
     to_jsonable,
 )
+from pipeline.lineage import remember_invocation, suggest
 from pipeline.runner import StageError
 from training import checkpoint as ckpt
-from training import runs
+from training import lineage, runs
 from training.data import num_experts
 from training.dist import DistContext, barrier, broadcast_object, init_distributed, set_cpu_threads
 from training.loop import RunSpec
@@ -96,11 +96,10 @@ def run_identity(cfg: PipelineConfig, spec: RunSpec) -> dict[str, Any]:
         "train": train,
         "loss": to_jsonable(cfg.loss),
         "seed": cfg.run.seed,
-        "prep": read_manifest(cfg.run_dir / "prep", "prep")["config_hash"],
         "expert": spec.expert,
     }
-    if spec.expert is not None:
-        identity["assign"] = read_manifest(cfg.run_dir / "assign", "assign")["config_hash"]
+    uses_assign = spec.expert is not None
+    identity.update(lineage.upstream_identity(cfg, uses_assign=uses_assign, from_seed=runs.branches_from_seed(spec, cfg)))
     if spec.name not in (runs.SEED, runs.expert_name(spec.expert or 0)):
         identity["run"] = {"name": spec.name, "partition": spec.partition, "variant": spec.data_variant}
     return identity
@@ -113,9 +112,11 @@ def _finished(spec: RunSpec) -> dict[str, Any] | None:
     return None
 
 
-def _changed(saved: dict[str, Any], now: dict[str, Any]) -> str:
+def _changed(saved: dict[str, Any], now: dict[str, Any], cfg: PipelineConfig | None = None) -> str:
     keys = diff_keys(saved, now)
-    return ", ".join(keys[:8]) or "unknown"
+    if cfg is None:
+        return ", ".join(keys[:8]) or "unknown"
+    return lineage.describe(cfg, keys)
 
 
 def seed_checkpoint(cfg: PipelineConfig, name: str) -> Path | None:
@@ -132,12 +133,12 @@ def seed_checkpoint(cfg: PipelineConfig, name: str) -> Path | None:
     if done is None:
         raise StageError(
             f"train/{name} starts from the seed model at step {cfg.train.seed_steps}, which is not trained: "
-            f"run `python -m pipeline train --expert seed` first (or --expert all)"
+            f"run {suggest(cfg, 'train --expert seed')} first (or --expert all)"
         )
     if done.get("config_hash") != config_hash(identity):
         raise StageError(
-            f"train/seed was trained with another config (changed: {_changed(done.get('identity', {}), identity)}); "
-            f"retrain it with `python -m pipeline train --expert seed --resume none`"
+            f"train/seed was trained with another config (changed: {_changed(done.get('identity', {}), identity, cfg)}); "
+            f"retrain it with {suggest(cfg, 'train --expert seed --resume none')}"
         )
     path = ckpt.checkpoint_path(spec.run_dir, cfg.train.seed_steps)
     if not path.is_file():
@@ -216,6 +217,7 @@ def _finalize(
             "config_hash": config_hash(identity),
             "identity": identity,
             "world_size": ctx.world_size,
+            **lineage.manifest_fields(cfg, uses_assign=spec.expert is not None),
             "git_sha": git_sha(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **summary,
@@ -235,16 +237,18 @@ def _export_branch_only(
 
 
 def _skip_finished(
-    spec: RunSpec, ctx: DistContext, resume: str, identity: dict[str, Any]
+    spec: RunSpec, ctx: DistContext, resume: str, identity: dict[str, Any], cfg: PipelineConfig | None = None
 ) -> dict[str, Any] | None:
     """The result of a finished run with the same config (None when it has to run)."""
     done = _finished(spec)
     if done is None or resume != "latest":
         return None
     if done.get("config_hash") != config_hash(identity):
+        target = "seed" if spec.expert is None else spec.expert
         raise StageError(
-            f"train/{spec.name}: finished with another config (changed: "
-            f"{_changed(done.get('identity', {}), identity)}); rerun with --resume none to retrain"
+            f"train/{spec.name}: finished with another config or upstream (changed: "
+            f"{_changed(done.get('identity', {}), identity, cfg)}); retrain with "
+            f"{suggest(cfg, f'train --expert {target} --resume none') if cfg else '--resume none'}"
         )
     if ctx.is_main:
         print(f"train/{spec.name}: nothing to do (finished at step {done.get('step')})")
@@ -296,7 +300,9 @@ def train_run(
     """Train (or skip, or resume) one run; returns ``{"run", "state", "step"}``."""
     identity = run_identity(cfg, spec)
     cfg = runs.config_for(cfg, spec)
-    skipped = _skip_finished(spec, ctx, resume, identity)
+    if resume == "latest":
+        lineage.check_upstream(cfg, spec.name, uses_assign=spec.expert is not None, done=_finished(spec))
+    skipped = _skip_finished(spec, ctx, resume, identity, cfg)
     if skipped is not None:
         return skipped
     if ctx.is_main:  # rank 0 is this run's only writer: temporary files here are a killed run's
@@ -379,17 +385,30 @@ def training_status(cfg: PipelineConfig) -> list[dict[str, Any]]:
         row = {"stage": f"train/{spec.name}", "shards_total": spec.end_step}
         if done is not None:
             row.update(state="done", shards_done=done.get("step", spec.end_step))
-            try:
-                if done.get("config_hash") != config_hash(run_identity(cfg, spec)):
-                    row["stale"] = "config changed"
-            except FileNotFoundError:
-                pass
+            row.update(_run_staleness(cfg, spec, done))
         elif latest:
             row.update(state="partial", shards_done=latest[-1][0])
         else:
             row.update(state="not started", shards_done=0)
         rows.append(row)
     return rows
+
+
+def _run_staleness(cfg: PipelineConfig, spec: RunSpec, done: dict[str, Any]) -> dict[str, Any]:
+    """``{"state": "stale", "stale": 1, "detail": why}`` for a stale finished run, a growth ``note``, or {}."""
+    uses_assign = spec.expert is not None
+    try:
+        identity = run_identity(cfg, spec)
+    except FileNotFoundError as exc:
+        return {"state": "stale", "stale": 1, "detail": str(exc).split(";")[0]}
+    reason = lineage.upstream_stale(cfg, uses_assign=uses_assign)
+    if not reason and done.get("config_hash") != config_hash(identity):
+        reason = "changed: " + lineage.describe(cfg, diff_keys(done.get("identity", {}), identity), done)
+    data_reason, note = lineage.data_state(cfg, done)
+    reason = reason or data_reason
+    if reason:
+        return {"state": "stale", "stale": 1, "detail": reason}
+    return {"note": note} if note else {}
 
 
 def torchrun_command(
@@ -433,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = remember_invocation(load_config(args.config, args.overrides), args.config, args.overrides)
         train_experts(
             cfg, args.expert, resume=args.resume, progress=not args.quiet, stop_at_step=args.stop_at_step
         )

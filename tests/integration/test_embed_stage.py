@@ -123,7 +123,8 @@ def test_torchrun_two_processes_gives_the_same_features(prepped):
         run_stage(load_config(None, _overrides(prepped, "one")), "embed", progress=False)
     two = prepped / "two"
     shutil.copytree(one / "prep", two / "prep")
-    sets = [arg for o in _overrides(prepped, "two") for arg in ("--set", o)]
+    # prep ran with the defaults: keep demo.yaml's prep keys equal to them, or embed refuses (lineage).
+    sets = [arg for o in [*_overrides(prepped, "two"), "prep.label_field=''"] for arg in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     config = str(REPO / "configs" / "demo.yaml")
     # --standalone: a free local rendezvous port, so parallel test runs do not collide.
