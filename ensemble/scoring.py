@@ -76,9 +76,7 @@ def score_task(
         row: dict[str, Any] = {"dataset": spec.dataset, "num_classes": spec.num_classes}
         for name in systems:
             row[name] = 100.0 * metrics[name][spec.metric]
-        best = max(range(num_experts), key=lambda k: row[f"expert-{k}"])
-        row["expert-max"] = row[f"expert-{best}"]
-        row["_best_expert"] = best
+        row["expert-max"] = max(row[f"expert-{k}"] for k in range(num_experts))
         result.rows.append(row)
         items = {name: per_system[name][spec.metric] for name in per_system}
         result.items.append({k: v for k, v in items.items() if v is not None})

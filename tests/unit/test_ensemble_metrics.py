@@ -10,7 +10,8 @@ import torch
 
 from ensemble.datasets import EvalTask
 from ensemble.evaluators import retrieval, zeroshot
-from ensemble.stage import report_rows, task_systems
+from ensemble.scoring import score_task
+from ensemble.systems import systems_of
 
 
 def test_classification_metrics_by_hand():
@@ -92,24 +93,27 @@ def test_identical_experts_ensemble_equals_the_single_expert():
         (zeroshot, cls, {"task": torch.tensor([0.7, 0.2, 0.1])}),
         (retrieval, ret, {"text": torch.softmax(torch.randn(9, 3), 1), "image": torch.softmax(torch.randn(5, 3), 1)}),
     ):
-        outputs = {"expert_0": out, "expert_1": out, "expert_2": out, "seed": out}
-        systems = task_systems(evaluator, outputs, weights, 3)
+        outputs = {"expert_0": out, "expert_1": out, "expert_2": out, "seed": out, "dense": out}
+        systems = systems_of(3, {"dense": ["dense"]}, has_seed=True)
+        task = EvalTask("t", evaluator.TASK_KIND, Path("."), "wds", (), classnames=tuple("abcdefg"))
+        scores = score_task(task, evaluator, outputs, weights, {"paper": weights}, systems)
         single = dict(evaluator.metrics(out))
-        for name in ("expert-1", "all_unit", "ensemble", "dense"):
+        for name in ("expert-1", "all_unit", "ensemble", "seed", "dense"):
             for metric, value in single.items():
-                assert systems[name][metric] == pytest.approx(value, nan_ok=True), (name, metric)
+                assert scores.metrics[name][metric] == pytest.approx(value, nan_ok=True), (name, metric)
+        for row, items in zip(scores.rows, scores.items, strict=True):
+            assert row["expert-max"] == row["expert-1"] and "ensemble@paper" in items
 
 
 def test_report_rows_are_percent_with_expert_max():
     task = EvalTask("digits", "classification", Path("."), "wds", (), classnames=("a", "b", "c"))
-    systems = {
-        "expert-0": {"acc1": 0.25},
-        "expert-1": {"acc1": 0.5},
-        "all_unit": {"acc1": 0.4},
-        "ensemble": {"acc1": 0.6},
-    }
-    (row,) = report_rows(task, zeroshot, systems, 2)
-    assert row == {
-        "dataset": "digits", "num_classes": 3, "expert-0": 25.0, "expert-1": 50.0,
-        "all_unit": 40.0, "ensemble": 60.0, "expert-max": 50.0,
-    }
+    targets = torch.tensor([0, 1, 2, 0])
+    good = {"logits": torch.eye(3)[targets], "targets": targets}  # all right
+    half = {"logits": torch.eye(3)[torch.tensor([0, 0, 0, 0])], "targets": targets}  # 2 of 4
+    outputs = {"expert_0": half, "expert_1": good}
+    systems = systems_of(2, {}, has_seed=False)
+    scores = score_task(task, zeroshot, outputs, {"task": torch.tensor([0.9, 0.1])}, {}, systems)
+    (row,) = scores.rows
+    assert row["expert-0"] == 50.0 and row["expert-1"] == 100.0 and row["expert-max"] == 100.0
+    assert row["ensemble"] == 50.0 and row["dataset"] == "digits" and row["num_classes"] == 3
+    assert scores.items[0]["ensemble"].values.tolist() == [1.0, 0.0, 0.0, 1.0]
