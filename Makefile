@@ -14,12 +14,12 @@ FORCE ?=
 ARGS = --config $(CONFIG) --launcher $(LAUNCHER) $(foreach s,$(SET),--set $(s))
 FORCE_ARG = $(if $(FORCE),--force)
 
-.PHONY: help setup demo test test-fast prep embed cluster assign train ensemble run status bench lint clean-demo
+.PHONY: help setup demo demo-ablation test test-fast prep embed cluster assign train ensemble run status bench lint clean-demo
 
 help:  ## list targets
 	@echo "MoDE data-expert pipeline. Targets (CONFIG=$(CONFIG)):"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "Variables: CONFIG=configs/<name>.yaml  EXPERT=<k>|seed|all  SET='a.b=c ...'  LAUNCHER=local|slurm  NPROC=<gpus>  FORCE=1 (redo: --force)"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "Variables: CONFIG=configs/<name>.yaml  EXPERT=<k>|seed|dense|baselines|all  SET='a.b=c ...'  LAUNCHER=local|slurm  NPROC=<gpus>  FORCE=1 (redo: --force)"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -34,6 +34,14 @@ demo: $(STAMP)  ## generate the demo data and run the whole chain on it
 	$(CLI) demo-data $(ARGS)
 	$(CLI) run $(ARGS)
 	@echo "report: runs/$$($(PY) -c 'from pipeline.config import load_config; print(load_config("$(CONFIG)").run.name)')/ensemble/report.md"
+
+demo-ablation: $(STAMP)  ## the demo with every baseline (dense_equal_compute, random_split, full_ensemble)
+	$(CLI) demo-data --config configs/demo_ablation.yaml --launcher $(LAUNCHER)
+	@if [ -d runs/demo/train/dense ] && [ ! -d runs/demo_ablation ]; then \
+	  echo "reusing runs/demo (same data, seed, experts and dense; a copied run is not stale)"; \
+	  cp -r runs/demo runs/demo_ablation && rm -rf runs/demo_ablation/ensemble; fi
+	$(CLI) run --config configs/demo_ablation.yaml --launcher $(LAUNCHER) $(foreach s,$(SET),--set $(s))
+	@echo "report: runs/demo_ablation/ensemble/report.md"
 
 test: $(STAMP)  ## run the test suite (unit + integration, CPU)
 	$(PY) -m pytest -q tests
@@ -56,7 +64,7 @@ endif
 assign: $(STAMP)  ## assignment only
 	$(CLI) assign $(ARGS) $(FORCE_ARG)
 
-train: $(STAMP)  ## train EXPERT=<k>|seed|all (NPROC>1 uses torchrun)
+train: $(STAMP)  ## train EXPERT=<k>|seed|experts|dense|random_split|baselines|all (NPROC>1 uses torchrun)
 ifeq ($(NPROC),1)
 	$(CLI) train $(ARGS) --expert $(EXPERT) $(FORCE_ARG)
 else
@@ -79,4 +87,4 @@ lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
 
 clean-demo:  ## remove the demo data and run
-	rm -rf data/demo runs/demo
+	rm -rf data/demo runs/demo runs/demo_ablation

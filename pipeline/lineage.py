@@ -19,7 +19,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import MANIFEST, object_digest, read_json
+from pipeline.artifacts import MANIFEST, object_digest, read_manifest
 from pipeline.config import diff_keys
 
 _INVOCATION = "_invocation"
@@ -63,7 +63,9 @@ def read_lineage(stage_dir: Path) -> tuple[str, dict[str, Any]] | None:
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():
         return None
-    manifest = read_json(path)
+    manifest = read_manifest(stage_dir)  # a corrupt manifest: one CorruptArtifactError line
+    if not isinstance(manifest, dict):
+        return None
     return lineage_digest(manifest), manifest.get("lineage", {})
 
 

@@ -28,6 +28,8 @@ TINY = [
     "train.eval_every=0",
     "train.precision=fp32",
     "ensemble.batch_size=16",
+    "ensemble.bootstrap_resamples=200",
+    "train.baselines=[dense, random_split]",
 ]
 
 
@@ -47,12 +49,17 @@ def test_whole_chain_and_noop_rerun(tmp_path, capsys):
         assert (run / stage / "manifest.json").is_file(), stage
     assert json.loads((run / "prep" / "manifest.json").read_text())["num_pairs"] == 240
     assert sum(json.loads((run / "assign" / "manifest.json").read_text())["expert_sizes"]) == 240
-    for model in ("seed", "expert_0", "expert_1"):
+    for model in ("seed", "expert_0", "expert_1", "dense", "random_split_0", "random_split_1"):
         assert (run / "train" / model / "final.pt").is_file(), model
     with open(run / "ensemble" / "report.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0])[:2] == ["dataset", "num_classes"]
-    assert {"expert-0", "expert-1", "expert-max", "all_unit", "ensemble", "dense"} <= set(rows[0])
+    assert list(rows[0])[2:] == [
+        "expert-0", "expert-1", "expert-max", "all_unit", "ensemble", "seed", "dense", "random_split",
+    ]
+    with open(run / "ensemble" / "report_paired.csv") as fh:
+        verdicts = {r["baseline"]: r["verdict"] for r in csv.DictReader(fh) if r["dataset"] == "average"}
+    assert set(verdicts) == {"dense", "random_split", "all_unit", "seed"}
     assert rows[-1]["dataset"] == "average"
     assert {r["dataset"] for r in rows} >= {"digits", "shapes", "textures", "words"}
     assert (run / "ensemble" / "report.md").is_file()

@@ -254,19 +254,25 @@ def test_fuzz_stage_artifacts(clustered, failures):
         shutil.copytree(backup, run)
         _damage(rng, run / rel)
         failures.clear()
+        refused = ""
         try:
             run_stage(cfg, "assign", progress=False)
             outcomes["ok"] += 1
         except EXPECTED as exc:
             outcomes["error"] += 1
+            refused = str(exc)
             assert "\n" not in str(exc), (rel, str(exc))
         except Exception as exc:  # noqa: BLE001
             pytest.fail(f"case {case}: damaged {rel} → {type(exc).__name__}: {exc}")
         for exc in failures:
             assert isinstance(exc, (*EXPECTED, ValueError)), (rel, type(exc).__name__, str(exc))
         done = {p.stem for p in (run / "assign" / "_done").glob("*.json")} if (run / "assign").is_dir() else set()
-        if rel.startswith("prep/captions") or rel.startswith("embed/features"):
-            assert {"s0_0", "s0_2"} <= done, (case, rel, done)  # the untouched shards are kept
+        if (rel.startswith("prep/captions") or rel.startswith("embed/features")) and "upstream" in refused:
+            # lineage: the damaged file no longer matches its stage's manifest, so assign refuses before
+            # writing anything (naming the upstream stage); nothing of the backup's outputs was removed
+            assert not (run / "assign").exists() or not done, (case, rel, refused)
+        elif rel.startswith("prep/captions") or rel.startswith("embed/features"):
+            assert {"s0_0", "s0_2"} <= done, (case, rel, done, refused)  # the untouched shards are kept
             for other in ("s0_0", "s0_2"):
                 ids = pq.read_table(run / "assign" / "assign" / f"{other}.parquet").column("pair_id").to_pylist()
                 assert len(ids) == 12
