@@ -187,6 +187,24 @@ def verdict_lines(paired_rows: Sequence[dict[str, Any]], descriptions: dict[str,
     return lines
 
 
+def headline(paired_rows: Sequence[dict[str, Any]]) -> str:
+    """The answer in one sentence: do the routed experts beat the dense baselines at matched compute?"""
+    average = {r["baseline"]: r for r in paired_rows if r["dataset"] == AVERAGE}
+    fair = [b for b in ("dense", "dense_equal_compute") if b in average]
+    if not fair:
+        return ""
+    named = " and ".join(f"`{b}`" for b in fair)
+    verdicts = {b: average[b]["verdict"] for b in fair}
+    if all(v == "better" for v in verdicts.values()):
+        return f"**Yes** on this data: the routed data experts beat {named} on the average score."
+    losers = [f"`{b}`" for b, v in verdicts.items() if v == "worse"]
+    if losers:
+        return (f"**No** on this data: the routed data experts score below {' and '.join(losers)} on the "
+                "average, beyond the eval-item noise.")
+    return (f"**Not shown** on this data: the routed data experts' average is within the eval-item noise "
+            f"of {named}.")
+
+
 def compute_lines(compute: dict[str, dict[str, int]], table_average: dict[str, Any]) -> list[str]:
     """Training compute (samples seen, the seed's included) and models per query of each system."""
     lines = ["| system | training samples (seed included) | models per query | average score |", "|---|---|---|---|"]
@@ -250,6 +268,8 @@ def report_markdown(
     paired = intervals.paired_rows if intervals is not None else []
     parts = [f"# Ensemble report: run `{run}`", "", "## Do the routed data experts beat the baselines?", ""]
     if paired:
+        answer = headline(paired)
+        parts += [answer, ""] if answer else []
         parts += verdict_lines(paired, DESCRIPTIONS)
         parts += ["", f"Differences are the routed `ensemble` minus the baseline on the average row, in points, "
                   f"with 95% paired bootstrap intervals over eval items ({resamples} resamples; "

@@ -57,3 +57,17 @@ def test_plots_and_markdown_are_written(tmp_path):
     )
     assert "| digits | 3 | 10 | 20 | 20 | 15 | 18 |" in text
     assert "| average |" in text and "![r](r.png)" in text
+
+
+def test_headline_says_no_when_the_ensemble_loses_to_a_dense_baseline():
+    def row(baseline, verdict):
+        return {"dataset": "average", "baseline": baseline, "difference": -3.0, "ci_low": -5.0, "ci_high": -1.0,
+                "verdict": verdict}
+
+    assert report.headline([row("dense", "worse"), row("all_unit", "better")]).startswith("**No**")
+    assert report.headline([row("dense", "better"), row("dense_equal_compute", "better")]).startswith("**Yes**")
+    assert report.headline([row("dense", "indistinguishable")]).startswith("**Not shown**")
+    assert report.headline([row("all_unit", "better")]) == ""
+    lines = report.verdict_lines([row("dense", "worse")], {"dense": "one dense model"})
+    assert lines == ["- The routed ensemble is **worse** than `dense` (one dense model) by 3.0 points "
+                     "(-3.0, 95% CI -5.0 to -1.0)."]
