@@ -17,7 +17,8 @@ union of the centres of generations ``0..g``; a shard no clustering has seen, to
 generations. So earlier shards are never re-assigned (their fingerprints do not name later
 generation files), and a new pair goes to a new expert when it is nearest one of its centres.
 ``add-experts`` drops the assign completion records of the shards it was fitted on, so a plain
-``assign`` redoes exactly those shards.
+``assign`` redoes exactly those shards, and the ensemble's, so a plain ``ensemble`` picks up the new
+experts (reusing the saved outputs of unchanged models).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def add_experts(cfg: PipelineConfig, num_experts: int, num_fine: int) -> dict[st
     else:
         local = torch.zeros(num_fine, dtype=torch.long)
     owner = local.long() + old_experts
-    _drop_assign_records(cfg, [f.stem for f in files])
+    _drop_records(cfg, [f.stem for f in files])
     path = generation_path(cfg, g)
     path.parent.mkdir(parents=True, exist_ok=True)
     with artifacts.atomic_path(path) as tmp:
@@ -211,9 +212,12 @@ def kmeans_fit(cfg: PipelineConfig, x: torch.Tensor, num_fine: int):
     )
 
 
-def _drop_assign_records(cfg: PipelineConfig, shards: list[str]) -> None:
-    """Make ``assign`` redo these shards (against the new union of centres) without ``--force``."""
+def _drop_records(cfg: PipelineConfig, shards: list[str]) -> None:
+    """Make ``assign`` redo these shards (against the new union of centres) and ``ensemble`` every
+    task (with the new experts; unchanged models' outputs are reused), both without ``--force``."""
     adir = cfg.run_dir / "assign"
     for shard in shards:
         artifacts.done_path(adir, shard).unlink(missing_ok=True)
+    for record in sorted((cfg.run_dir / "ensemble" / artifacts.DONE_DIR).glob("*.json")):
+        record.unlink()
 
