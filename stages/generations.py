@@ -86,7 +86,8 @@ def centers_upto(cfg: PipelineConfig, generation: int | None = None) -> tuple[to
     expert and the number of experts they cover."""
     cdir = cfg.run_dir / "cluster"
     fine = torch_load(cdir / "fine_centers.pth", "cluster")["center"].float()
-    owner = torch_load(cdir / "coarse.pth", "cluster")["assign"].long()
+    coarse = torch_load(cdir / "coarse.pth", "cluster")
+    owner, num = coarse["assign"].long(), int(coarse["coarse"].shape[0])
     centers, owners = [fine], [owner]
     for gen in generations(cfg):
         if generation is not None and gen["generation"] > generation:
@@ -95,7 +96,7 @@ def centers_upto(cfg: PipelineConfig, generation: int | None = None) -> tuple[to
         centers.append(saved["center"].float())
         owners.append(saved["owner"].long())
     owner = torch.cat(owners)
-    return torch.cat(centers), owner, int(owner.max()) + 1 if len(owner) else 0
+    return torch.cat(centers), owner, max(num, int(owner.max()) + 1 if len(owner) else 0)
 
 
 def shard_centers(cfg: PipelineConfig, shard: str, fine: torch.Tensor, fine_to_coarse: torch.Tensor

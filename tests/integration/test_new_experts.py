@@ -86,6 +86,11 @@ def test_adding_an_expert_keeps_existing_experts_and_the_report_shows_its_genera
     assert cli.main(["ensemble", *grown]) == 0
     rows = list(csv.DictReader((rdir / "ensemble" / "report.csv").open()))
     assert rows and all("expert-2" in row for row in rows) and rows[0]["expert-2"] != ""
+    emanifest = json.loads((rdir / "ensemble" / "manifest.json").read_text())
+    tasks = emanifest["num_shards"]  # only the new expert was evaluated; the others' outputs reused
+    assert emanifest["counts"]["skipped"].get("cached_outputs") == 3 * tasks, emanifest["counts"]
+    calibration = json.loads((rdir / "ensemble" / "calibration.json").read_text())
+    assert "+" in calibration["key"]["centers"]  # the calibrated routing was refitted on the union
     report = (rdir / "ensemble" / "report.md").read_text()
     assert "| expert-2 | 1 | 4 |" in report and "| expert-0 | 0 |" in report
 
