@@ -14,7 +14,7 @@ FORCE ?=
 ARGS = --config $(CONFIG) --launcher $(LAUNCHER) $(foreach s,$(SET),--set $(s))
 FORCE_ARG = $(if $(FORCE),--force)
 
-.PHONY: help setup demo demo-ablation test test-fast prep embed cluster assign train ensemble run status bench lint clean-demo
+.PHONY: help setup demo demo-ablation test test-fast prep embed cluster assign add-experts train ensemble run status bench lint clean-demo
 
 help:  ## list targets
 	@echo "MoDE data-expert pipeline. Targets (CONFIG=$(CONFIG)):"
@@ -63,6 +63,12 @@ endif
 
 assign: $(STAMP)  ## assignment only
 	$(CLI) assign $(ARGS) $(FORCE_ARG)
+
+NEW_EXPERTS ?= 1
+NEW_FINE ?=
+
+add-experts: $(STAMP)  ## new experts: cluster the grown shards (NEW_EXPERTS=1 NEW_FINE=<k>), then make assign
+	$(CLI) add-experts $(ARGS) --num-experts $(NEW_EXPERTS) $(if $(NEW_FINE),--num-fine $(NEW_FINE))
 
 train: $(STAMP)  ## train EXPERT=<k>|seed|experts|dense|random_split|baselines|all (NPROC>1 uses torchrun)
 ifeq ($(NPROC),1)

@@ -55,6 +55,7 @@ from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
 from stages.cluster import load_centers
+from stages.generations import centers_upto, union_digest
 from stages.text_encoder import embed_texts
 
 log = logging.getLogger("pipeline")
@@ -78,8 +79,10 @@ def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 def run_centers(cfg: PipelineConfig) -> tuple[Centers, dict[str, Any]]:
     """The run's fine centres, fine→coarse map, calibrated routing temperature and cluster manifest."""
-    fine, coarse, fine_to_coarse, manifest = load_centers(cfg)
-    centers = Centers(fine.float(), fine_to_coarse.long(), int(coarse.shape[0]))
+    _, _, _, manifest = load_centers(cfg)
+    fine, owner, num = centers_upto(cfg)  # the union of every generation's centres (docs/growth.md)
+    manifest = {**manifest, "centers_digest": f"{manifest.get('centers_digest', '')}{union_digest(cfg)}"}
+    centers = Centers(fine, owner, num)
     calibration = routing_calibration(cfg, centers, manifest)
     return dataclasses.replace(centers, temperature=calibration["temperature"]), manifest
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.artifacts import CorruptArtifactError
 from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
-from pipeline.lineage import remember_invocation
+from pipeline.lineage import remember_invocation, suggest
 from pipeline.runner import STAGE_MODULES, StageError, run_stage, stage_status
 
 log = logging.getLogger("pipeline")
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", default="0", help="expert index, 'seed' or 'all' (default 0)")
     p.add_argument("--resume", default="latest", help="'latest' (default), 'none' or a checkpoint path")
     p.add_argument("--force", action="store_true", help="retrain from scratch (same as --resume none)")
+    p = sub.add_parser("add-experts", help="new experts: cluster the shards no clustering has seen (growth)")
+    _common(p)
+    p.add_argument("--num-experts", type=int, default=1, help="experts to add (default 1)")
+    p.add_argument("--num-fine", type=int, default=None, help="their fine centres (default cluster.num_fine)")
     p = sub.add_parser("run", help="every stage in order, skipping finished work")
     _common(p)
     p.add_argument("--until", choices=RUN_ORDER, default="ensemble", help="last stage to run")
@@ -196,7 +200,24 @@ def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_experts(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Fit a new generation of experts on the grown data (docs/growth.md, "New experts")."""
+    from stages.generations import add_experts
+
+    num_fine = cfg.cluster.num_fine if args.num_fine is None else args.num_fine
+    done = add_experts(cfg, args.num_experts, num_fine)
+    ids = ", ".join(map(str, done["experts"]))
+    print(
+        f"add-experts: generation {done['generation']}: expert(s) {ids} with {done['num_fine']} fine centres "
+        f"fitted on {done['pairs']} pairs of {len(done['shards'])} new shard(s); the run has "
+        f"{done['total_experts']} experts. Next: {suggest(cfg, 'assign')}, then "
+        f"{suggest(cfg, 'train --expert all')}"
+    )
+    return 0
+
+
 COMMANDS = {
+    "add-experts": cmd_add_experts,
     "demo-data": cmd_demo_data,
     "train": cmd_train,
     "run": cmd_run,

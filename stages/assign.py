@@ -24,7 +24,7 @@ from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
 from pipeline.safeload import UnreadableFileError, load_npy, read_parquet
-from stages import kmeans
+from stages import generations, kmeans
 from stages.cluster import embed_outputs, load_centers
 
 SCHEMA = pa.schema(
@@ -53,8 +53,13 @@ def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
     cdir = cfg.run_dir / "cluster"
     artifacts.read_manifest(cdir, "cluster")
     centres = [cdir / "fine_centers.pth", cdir / "coarse.pth"]
+    gens, fitted = generations.generations(cfg), generations.fitted_shards(cfg)  # new experts (growth)
     digests = artifacts.DigestCache(stage_dir)
-    shards = [Shard(f.stem, digests.fingerprint(f, *centres), {"features": str(f)}) for f in files]
+    shards = [
+        Shard(f.stem, digests.fingerprint(f, *centres, *generations.fingerprint_files(cfg, f.stem, gens, fitted)),
+              {"features": str(f)})
+        for f in files
+    ]
     digests.save()
     return shards
 
@@ -67,6 +72,7 @@ def output_path(stage_dir: Path, shard: str) -> Path:
 def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
     """Assign one shard's pairs to their nearest fine centre."""
     fine, _, fine_to_coarse, _ = load_centers(cfg)
+    fine, fine_to_coarse = generations.shard_centers(cfg, shard.name, fine, fine_to_coarse)
     feats = torch.from_numpy(load_npy(shard.inputs["features"], "assign", ndim=2).astype(np.float32))
     if feats.shape[1] != fine.shape[1]:
         raise UnreadableFileError(
@@ -102,7 +108,7 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
 def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[str, Any]:
     """Expert and fine-cluster sizes over all pairs (and purity against prep labels, if any)."""
     shards = [rec["shard"] for rec in records]
-    k, e = cfg.cluster.num_fine, cfg.cluster.num_experts
+    k, e = generations.totals(cfg)  # every generation's centres and experts
     fine_sizes, expert_sizes = np.zeros(k, np.int64), np.zeros(e, np.int64)
     label_counts: Counter = Counter()
     for shard in shards:

@@ -201,11 +201,13 @@ def load_expert_data(
 
 
 def num_experts(cfg: PipelineConfig) -> int:
-    """Experts of the run: assign's ``num_experts`` (or ``cluster.num_experts`` before assign ran)."""
+    """Experts of the run: assign's ``num_experts`` (or ``cluster.num_experts`` before assign ran),
+    or the registry's when later generations added experts (``<run>/experts.json``)."""
     path = cfg.run_dir / "assign" / "manifest.json"
-    if path.is_file():
-        return int(read_manifest(path.parent, "assign")["num_experts"])
-    return cfg.cluster.num_experts
+    num = int(read_manifest(path.parent, "assign")["num_experts"]) if path.is_file() else cfg.cluster.num_experts
+    from pipeline import experts  # experts added by later generations (docs/growth.md)
+
+    return max(num, len(experts.registry(cfg))) if experts.registry_path(cfg).is_file() else num
 
 
 def _expert_tables(cfg: PipelineConfig, expert: int, partition: str = "assign") -> dict[str, str]:

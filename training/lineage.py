@@ -104,11 +104,29 @@ def data_state(cfg: PipelineConfig, manifest: dict[str, Any]) -> tuple[str, str]
         except FileNotFoundError:
             return f"upstream {stage} is missing", ""
         changed, added = lineage.data_change(consumed, current)
+        regenerated = _regenerated(cfg, stage, changed, current)
+        changed = [s for s in changed if s not in regenerated]
         if changed:
             return f"upstream {stage} changed ({len(changed)} consumed shard(s) changed or removed)", ""
+        notes = []
         if added:
-            return "", f"{stage} grew by {len(added)} shard(s) since; continue with docs/growth.md"
+            notes.append(f"{stage} grew by {len(added)} shard(s) since")
+        if regenerated:
+            gens = sorted(set(regenerated.values()))
+            notes.append(f"{len(regenerated)} shard(s) re-assigned to new experts of generation {', '.join(map(str, gens))}")
+        if notes:
+            return "", "; ".join(notes) + "; continue with docs/growth.md"
     return "", ""
+
+
+def _regenerated(cfg: PipelineConfig, stage: str, changed: list[str], current: dict[str, str]) -> dict[str, int]:
+    """Changed consumed assign shards that a later generation re-assigned (growth, not staleness)."""
+    if stage != "assign" or not changed:
+        return {}
+    from stages.generations import regenerated_shards
+
+    owned = regenerated_shards(cfg)
+    return {s: owned[s] for s in changed if s in owned and s in current}
 
 
 def upstream_stale(cfg: PipelineConfig, *, uses_assign: bool) -> str:

@@ -24,3 +24,30 @@ def test_registry_holds_generations_and_routing_uses_the_union_of_centres(tmp_pa
     assert centers.shape == (6, 4) and owner.tolist() == [0, 1, 0, 1, 2, 2] and num == 3
     section = experts.markdown_section(cfg)
     assert "| expert-2 | 1 | 2 |" in section and "| expert-0 | 0 | 2 |" in section
+
+
+def test_a_shard_re_assigned_to_a_new_generation_is_a_note_not_stale(tmp_path):
+    from training.lineage import data_state
+
+    cfg = load_config(None, [f"run.root={tmp_path}"])
+    adir = cfg.run_dir / "assign"
+    adir.mkdir(parents=True)
+    artifacts.write_json(adir / "manifest.json", {"stage": "assign", "inputs": {"a": "x2", "b": "y", "c": "z"}})
+    done = {"consumed": {"assign": {"a": "x1", "b": "y"}}}
+    reason, note = data_state(cfg, done)
+    assert "1 consumed shard(s) changed" in reason and not note  # without a generation: stale
+    artifacts.write_json(experts.registry_path(cfg), {"experts": [], "generations": [{"generation": 1, "shards": ["a"]}]})
+    reason, note = data_state(cfg, done)
+    assert not reason and "1 shard(s) re-assigned to new experts of generation 1" in note and "grew by 1" in note
+
+
+def test_shards_are_assigned_to_the_generations_up_to_the_one_fitted_on_them(tmp_path):
+    from stages import generations
+
+    cfg = load_config(None, [f"run.root={tmp_path}"])
+    gens = [{"generation": 1, "shards": ["s3"]}, {"generation": 2, "shards": ["s4"]}]
+    fitted = ["s0", "s1"]
+    assert [generations.shard_generation(cfg, s, gens, fitted) for s in ("s0", "s3", "s4", "s9")] == [0, 1, 2, 2]
+    assert generations.shard_generation(cfg, "s9", [], fitted) == 0
+    files = generations.fingerprint_files(cfg, "s3", gens, fitted)
+    assert [f.name for f in files] == ["gen_1.pth"] and generations.fingerprint_files(cfg, "s0", gens, fitted) == []
