@@ -186,7 +186,23 @@ def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         out = f"  out={counts['out']}" if "out" in counts else ""
         detail = f"  {row['detail']}" if row.get("detail") else ""
         print(f"  {row['stage']:<16} {row['state']:<12} {progress:>11}{out}{extra}{detail}")
+    _print_slurm_jobs(cfg)
     return 0
+
+
+def _print_slurm_jobs(cfg: PipelineConfig) -> None:
+    """The latest SLURM jobs of every stage as squeue/sacct report them (nothing without SLURM)."""
+    from pipeline.launch import slurm_jobs
+
+    jobs = slurm_jobs(cfg)
+    if jobs:
+        print("slurm jobs (latest submission per stage, from squeue/sacct):")
+    for job in jobs:
+        print(f"  {job['stage']:<10} {job['job_id']:<12} {job['state']:<11} {job['reason']:<12} {job['label']}")
+        if job["error"] or job["state"] not in ("COMPLETED", "PENDING", "RUNNING", "REQUEUED"):
+            if job["error"]:
+                print(f"      error: {job['error']}")
+            print(f"      log: {job['log']}")
 
 
 COMMANDS = {
