@@ -132,22 +132,29 @@ def run_stage_on_slurm(world, stage: str, capsys) -> str:
     return out
 
 
-def _canonical(obj, h) -> None:
+# Where the two runs differ by construction, not by content: the saved config (run name, launcher
+# settings), the commit, and the ensemble's fingerprint of the model file (its path and mtime).
+IDENTITY_KEYS = {("config",), ("git_sha",), ("meta", "model")}
+
+
+def _canonical(obj, h, parent: str = "") -> None:
     """Feed a loaded object into a hash by content: dict keys sorted, tensors as dtype, shape, bytes."""
     import numpy as np
     import torch
 
     if isinstance(obj, dict):
         for key in sorted(obj, key=str):
+            if (key,) in IDENTITY_KEYS or (parent, key) in IDENTITY_KEYS:
+                continue
             h.update(repr(key).encode())
-            _canonical(obj[key], h)
+            _canonical(obj[key], h, str(key))
     elif isinstance(obj, (list, tuple)):
         h.update(f"{type(obj).__name__}{len(obj)}".encode())
         for item in obj:
             _canonical(item, h)
     elif isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{t.dtype}{tuple(obj.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(obj, np.ndarray):
         h.update(f"{obj.dtype}{obj.shape}".encode() + np.ascontiguousarray(obj).tobytes())
@@ -155,15 +162,15 @@ def _canonical(obj, h) -> None:
         h.update(repr(obj).encode())
 
 
-def digest(path: Path) -> str:
-    """sha256 of a file's bytes; of its content for torch files (pickle layout aside)."""
+def digest(path: Path, run_name: str) -> str:
+    """sha256 of a file's bytes; of its content for torch files (pickle layout and identity aside)."""
     h = hashlib.sha256()
     if path.suffix in (".pt", ".pth"):
         import torch
 
         _canonical(torch.load(path, map_location="cpu", weights_only=False), h)
     else:
-        h.update(path.read_bytes())
+        h.update(path.read_bytes().replace(f"run `{run_name}`".encode(), b"run `<run>`"))
     return h.hexdigest()
 
 
@@ -176,7 +183,7 @@ def digests(run: Path) -> dict[str, str]:
             continue
         if path.suffix in (".yaml", ".png", ".log") or path.name in ("manifest.json", "metrics.jsonl"):
             continue
-        out[rel] = digest(path)
+        out[rel] = digest(path, run.name)
     return out
 
 
