@@ -199,9 +199,9 @@ def _print_slurm_jobs(cfg: PipelineConfig) -> None:
         print("slurm jobs (latest submission per stage, from squeue/sacct):")
     for job in jobs:
         print(f"  {job['stage']:<10} {job['job_id']:<12} {job['state']:<11} {job['reason']:<12} {job['label']}")
-        if job["error"] or job["state"] not in ("COMPLETED", "PENDING", "RUNNING", "REQUEUED"):
-            if job["error"]:
-                print(f"      error: {job['error']}")
+        if job["error"]:
+            print(f"      error: {job['error']}")
+        if job["failed"]:
             print(f"      log: {job['log']}")
 
 

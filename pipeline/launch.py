@@ -523,7 +523,7 @@ def _refuse_if_active(folder: Path, stage: str) -> None:
 
 # --------------------------------------------------------------------------- job states (status, failures)
 
-_FINISHED_OK = ("COMPLETED",)
+_NOT_FAILED = ("COMPLETED", "PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
 
 
 def _slurm_query(cmd: list[str]) -> list[list[str]]:
@@ -603,10 +603,11 @@ def _job_error(folder: Path, job_id: str) -> str:
 def slurm_jobs(cfg: PipelineConfig) -> list[dict[str, str]]:
     """The jobs of every stage's latest submission as SLURM reports them.
 
-    Rows ``{stage, job_id, label, state, reason, log, error}`` (``error``: the failed task's last
-    error line); empty where SLURM cannot be asked. ``python -m pipeline status`` prints them.
+    Rows ``{stage, job_id, label, state, reason, log, error, failed}`` (``error``: the last line of
+    a failed task's error; ``failed``: ``"yes"`` when the job ended without success); empty where
+    SLURM cannot be asked. ``python -m pipeline status`` prints them.
     """
-    base = log_folder(cfg, "x").parent
+    base = Path(cfg.launcher.folder) if cfg.launcher.folder else cfg.run_dir / "_slurm"
     if not base.is_dir():
         return []
     jobs = {folder: _latest_jobs(folder) for folder in sorted(base.iterdir()) if folder.is_dir()}
@@ -617,7 +618,7 @@ def slurm_jobs(cfg: PipelineConfig) -> list[dict[str, str]]:
             if job_id not in states:
                 continue
             state, reason = states[job_id]
-            failed = state not in _FINISHED_OK and state not in ("PENDING", "RUNNING", "REQUEUED")
+            failed = state not in _NOT_FAILED
             rows.append(
                 {
                     "stage": folder.name,
@@ -627,6 +628,7 @@ def slurm_jobs(cfg: PipelineConfig) -> list[dict[str, str]]:
                     "reason": reason,
                     "log": str(job_log(folder, job_id)),
                     "error": _job_error(folder, job_id) if failed else "",
+                    "failed": "yes" if failed else "",
                 }
             )
     return rows
@@ -639,10 +641,16 @@ def failed_jobs(folder: Path) -> list[dict[str, str]]:
     out = []
     for job_id, label in pairs:
         state = states.get(job_id, ("", ""))[0]
-        if state and state not in _FINISHED_OK and state not in ("PENDING", "RUNNING", "REQUEUED"):
-            log_path = str(job_log(folder, job_id))
-            out.append({"job_id": job_id, "label": label, "state": state, "log": log_path,
-                        "error": _job_error(folder, job_id)})
+        if state and state not in _NOT_FAILED:
+            out.append(
+                {
+                    "job_id": job_id,
+                    "label": label,
+                    "state": state,
+                    "log": str(job_log(folder, job_id)),
+                    "error": _job_error(folder, job_id),
+                }
+            )
     return out
 
 
