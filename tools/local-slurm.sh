@@ -10,8 +10,9 @@
 #
 # Everything (configs, state, spool, database, logs, pid files, the munge key and socket) lives
 # under one scratch folder, $MODE_SLURM_DIR (default /tmp/mode-slurm); `rm -rf` it after `stop` to
-# start over. The daemons use their own ports (MODE_SLURM_PORT, default 16817..16819, and +1 .. for
-# MariaDB 16306) and their own munge socket, so a system SLURM or munge on the machine is left alone.
+# start over. The daemons use their own ports (slurmctld, slurmd, slurmdbd on MODE_SLURM_PORT .. +2,
+# default 16817..16819; MariaDB on MODE_SLURM_DB_PORT, default 16306) and their own munge socket,
+# so a system SLURM or munge on the machine is left alone.
 # Client commands find this cluster through SLURM_CONF (see `env`); `start` is a no-op when it runs.
 set -euo pipefail
 
