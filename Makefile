@@ -14,7 +14,7 @@ FORCE ?=
 ARGS = --config $(CONFIG) --launcher $(LAUNCHER) $(foreach s,$(SET),--set $(s))
 FORCE_ARG = $(if $(FORCE),--force)
 
-.PHONY: help setup demo demo-ablation test test-fast prep embed cluster assign add-experts train ensemble run status bench lint clean-demo
+.PHONY: help setup demo demo-ablation test test-fast test-slurm prep embed cluster assign add-experts train ensemble run status bench lint clean-demo
 
 help:  ## list targets
 	@echo "MoDE data-expert pipeline. Targets (CONFIG=$(CONFIG)):"
@@ -48,6 +48,9 @@ test: $(STAMP)  ## run the test suite (unit + integration, CPU)
 
 test-fast: $(STAMP)  ## unit tests only
 	$(PY) -m pytest -q tests/unit
+
+test-slurm: $(STAMP)  ## the chain on a real local SLURM cluster (root; apt-installs slurm, munge, MariaDB)
+	PY=$(PY) bash tools/test-slurm.sh
 
 prep: $(STAMP)  ## captions + pair ids → Parquet
 	$(CLI) prep $(ARGS) $(FORCE_ARG)

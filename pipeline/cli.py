@@ -197,6 +197,7 @@ def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         detail = f"  {row['detail']}" if row.get("detail") else ""
         detail += f"  ({row['note']})" if row.get("note") else ""
         print(f"  {row['stage']:<16} {row['state']:<12} {progress:>11}{out}{extra}{detail}")
+    _print_slurm_jobs(cfg)
     return 0
 
 
@@ -214,6 +215,21 @@ def cmd_add_experts(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         f"{suggest(cfg, 'train --expert all')}"
     )
     return 0
+
+
+def _print_slurm_jobs(cfg: PipelineConfig) -> None:
+    """The latest SLURM jobs of every stage as squeue/sacct report them (nothing without SLURM)."""
+    from pipeline.launch import slurm_jobs
+
+    jobs = slurm_jobs(cfg)
+    if jobs:
+        print("slurm jobs (latest submission per stage, from squeue/sacct):")
+    for job in jobs:
+        print(f"  {job['stage']:<10} {job['job_id']:<12} {job['state']:<11} {job['reason']:<12} {job['label']}")
+        if job["error"]:
+            print(f"      error: {job['error']}")
+        if job["failed"]:
+            print(f"      log: {job['log']}")
 
 
 COMMANDS = {

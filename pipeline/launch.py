@@ -117,7 +117,17 @@ class TrainTask(submitit.helpers.Checkpointable):
         from training.main import train_experts
 
         progress = int(os.environ.get("RANK", "0")) == 0
-        return train_experts(self.cfg, self.expert, resume=self.resume, progress=progress)
+        resume = self.resume
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+            # put back by SLURM itself (scontrol requeue, node failure): the job reruns the
+            # submitted pickle, not checkpoint()'s; continue, never restart from zero
+            logging.getLogger(__name__).info(
+                "train %s: requeued by SLURM (restart %s); resuming from the latest checkpoint",
+                self.expert,
+                os.environ["SLURM_RESTART_COUNT"],
+            )
+            resume = "latest"
+        return train_experts(self.cfg, self.expert, resume=resume, progress=progress)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """Requeue from the latest checkpoint (never from zero, whatever the first run asked)."""
@@ -383,6 +393,7 @@ def submit_stage(
     effective = cluster or "slurm"
     if effective == "slurm":
         _refuse_if_active(folder, stage)
+        _print_failures(stage, folder)
     executor = make_executor(cfg, stage, folder=folder, cluster=effective)
     jobs = _submit_all(executor, tasks, cfg.launcher.slurm.max_array_size)
     _record_submission(folder, stage, jobs, [f"shards {t.shard_range}" for t in tasks])
@@ -512,6 +523,147 @@ def _refuse_if_active(folder: Path, stage: str) -> None:
         )
 
 
+# --------------------------------------------------------------------------- job states (status, failures)
+
+_NOT_FAILED = ("COMPLETED", "PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
+
+
+def _slurm_query(cmd: list[str]) -> list[list[str]]:
+    """``|``-separated rows of a squeue/sacct call; empty when it fails (no SLURM, no accounting)."""
+    if shutil.which(cmd[0]) is None:
+        return []
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if proc.returncode != 0:
+        return []
+    return [line.split("|") for line in proc.stdout.splitlines() if line.strip()]
+
+
+def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """SLURM's view of jobs: ``{job id: (state, reason or exit code)}``.
+
+    Queued and running jobs come from ``squeue`` (state and reason, e.g. ``PENDING``,
+    ``Dependency``), finished ones from ``sacct`` (e.g. ``FAILED``, ``1:0``). Array tasks are
+    ``<array>_<task>``. Jobs neither knows are left out (no SLURM here, or no accounting).
+    """
+    if not job_ids:
+        return {}
+    wanted = set(job_ids)
+    states: dict[str, tuple[str, str]] = {}
+    for row in _slurm_query(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-u", getpass.getuser()]):
+        if len(row) == 3 and row[0] in wanted:
+            states[row[0]] = (row[1], row[2])
+    rest = sorted({j.split("_")[0] for j in wanted if j not in states})
+    if rest:
+        cmd = ["sacct", "-n", "-P", "-X", "-o", "JobID,State,ExitCode", "-j", ",".join(rest)]
+        for row in _slurm_query(cmd):
+            if len(row) == 3 and row[0] in wanted and row[0] not in states:
+                states[row[0]] = (row[1].split()[0], row[2])  # "CANCELLED by 0" -> CANCELLED
+    return states
+
+
+def _latest_jobs(folder: Path) -> list[tuple[str, str]]:
+    """``(job id, label)`` of the jobs that count now in a log folder.
+
+    Stage folders: the last submission (it covered every shard unfinished then). The train
+    folder: the last job of each run (seed, each expert), whichever submission made it.
+    """
+    path = folder / SUBMISSIONS
+    if not path.is_file():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        return []
+    if folder.name != "train":
+        return list(zip(entries[-1]["job_ids"], entries[-1]["labels"], strict=True))
+    latest: dict[str, str] = {}
+    for entry in entries:
+        latest.update({label: job_id for job_id, label in zip(entry["job_ids"], entry["labels"], strict=True)})
+    return [(job_id, label) for label, job_id in latest.items()]
+
+
+def job_log(folder: Path, job_id: str) -> Path:
+    """stderr log of the first task (rank 0) of a job: ``<folder>/<job id>_0_log.err``."""
+    return submitit.core.utils.JobPaths(folder, job_id=job_id, task_id=0).stderr
+
+
+def _job_error(folder: Path, job_id: str) -> str:
+    """The last line of the error a failed task recorded (its result pickle), or ``""``."""
+    paths = submitit.core.utils.JobPaths(folder, job_id=job_id, task_id=0)
+    try:
+        outcome, detail = submitit.core.utils.pickle_load(paths.result_pickle)
+    except Exception:  # noqa: BLE001 - no result (killed, cancelled) or an unreadable one
+        return ""
+    if outcome != "error":
+        return ""
+    lines = [line.strip() for line in str(detail).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def slurm_jobs(cfg: PipelineConfig) -> list[dict[str, str]]:
+    """The jobs of every stage's latest submission as SLURM reports them.
+
+    Rows ``{stage, job_id, label, state, reason, log, error, failed}`` (``error``: the last line of
+    a failed task's error; ``failed``: ``"yes"`` when the job ended without success); empty where
+    SLURM cannot be asked. ``python -m pipeline status`` prints them.
+    """
+    base = Path(cfg.launcher.folder) if cfg.launcher.folder else cfg.run_dir / "_slurm"
+    if not base.is_dir():
+        return []
+    jobs = {folder: _latest_jobs(folder) for folder in sorted(base.iterdir()) if folder.is_dir()}
+    states = job_states([job_id for pairs in jobs.values() for job_id, _ in pairs])
+    rows = []
+    for folder, pairs in jobs.items():
+        for job_id, label in pairs:
+            if job_id not in states:
+                continue
+            state, reason = states[job_id]
+            failed = state not in _NOT_FAILED
+            rows.append(
+                {
+                    "stage": folder.name,
+                    "job_id": job_id,
+                    "label": label,
+                    "state": state,
+                    "reason": reason,
+                    "log": str(job_log(folder, job_id)),
+                    "error": _job_error(folder, job_id) if failed else "",
+                    "failed": "yes" if failed else "",
+                }
+            )
+    return rows
+
+
+def failed_jobs(folder: Path) -> list[dict[str, str]]:
+    """Jobs of the latest submission from ``folder`` that ended without success (sacct)."""
+    pairs = _latest_jobs(folder)
+    states = job_states([job_id for job_id, _ in pairs])
+    out = []
+    for job_id, label in pairs:
+        state = states.get(job_id, ("", ""))[0]
+        if state and state not in _NOT_FAILED:
+            out.append(
+                {
+                    "job_id": job_id,
+                    "label": label,
+                    "state": state,
+                    "log": str(job_log(folder, job_id)),
+                    "error": _job_error(folder, job_id),
+                }
+            )
+    return out
+
+
+def _print_failures(what: str, folder: Path) -> None:
+    """Name the failed jobs of the previous submission, what they covered and their logs."""
+    for job in failed_jobs(folder):
+        error = f": {job['error']}" if job["error"] else ""
+        print(f"{what}: earlier job {job['job_id']} ({job['label']}) {job['state']}{error}")
+        print(f"  log: {job['log']}")
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -597,6 +749,8 @@ def submit_train(
     dry_run = cfg.launcher.dry_run or (cluster is None and not slurm_available())
     effective = cluster or "slurm"
     queued = {} if dry_run or effective != "slurm" else {v: k for k, v in active_jobs(folder).items()}
+    if not dry_run and effective == "slurm":
+        _print_failures("train", folder)
     for k in [k for k in experts if k in queued]:
         print(f"train expert {k}: job {queued[k]} is still queued or running; not submitted again")
         experts.remove(k)
