@@ -48,6 +48,8 @@ TINY = [
     "train.eval_every=0",
     "train.precision=fp32",
     "ensemble.batch_size=16",
+    "ensemble.bootstrap_resamples=200",
+    "train.baselines=[dense]",
 ]
 
 # A CPU-only cluster of 2 cores: one core per task, no GPU request (--gpus-per-node=0 overrides the
@@ -234,12 +236,12 @@ def test_whole_chain_on_slurm_equals_the_local_chain(world, capsys):
     run_stage_on_slurm(world, "cluster", capsys)
     run_stage_on_slurm(world, "assign", capsys)
 
-    # train: the seed job, then the experts array after it (afterok); the seed is requeued mid-run
+    # train: the seed job, then the experts + dense baseline array after it (afterok); the seed is requeued mid-run
     assert pipeline(world, "train", "--expert", "all") == 0
     out = capsys.readouterr().out
     train_jobs = last_jobs(cfg, "train")
     seed_job, expert_jobs = train_jobs[0], train_jobs[1:]
-    assert len(expert_jobs) == 2 and f"after afterok:{seed_job}" in out, out
+    assert len(expert_jobs) == 3 and f"after afterok:{seed_job}" in out, out  # expert 0, expert 1, dense
     seed_dir = cfg.run_dir / "train" / "seed"
     first = None
     end = time.time() + 180
