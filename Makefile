@@ -14,7 +14,7 @@ FORCE ?=
 ARGS = --config $(CONFIG) --launcher $(LAUNCHER) $(foreach s,$(SET),--set $(s))
 FORCE_ARG = $(if $(FORCE),--force)
 
-.PHONY: help setup demo demo-ablation test test-fast test-slurm prep embed cluster assign add-experts train ensemble run status bench lint clean-demo
+.PHONY: help setup demo demo-ablation test test-fast test-slurm prep embed cluster assign add-experts train ensemble run status bench lint clean-demo shard
 
 help:  ## list targets
 	@echo "MoDE data-expert pipeline. Targets (CONFIG=$(CONFIG)):"
@@ -88,6 +88,9 @@ run: $(STAMP)  ## every stage in order, skipping finished work
 
 status: $(STAMP)  ## what is done, counts, what is stale
 	$(CLI) status --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+
+shard: $(STAMP)  ## convert IN=<csv|folder> into webdataset tars in OUT=<dir> (MAX_MB=1000 MAX_COUNT=10000)
+	$(CLI) shard --config $(CONFIG) --input $(IN) --out $(OUT) --max-size-mb $(or $(MAX_MB),1000) --max-count $(or $(MAX_COUNT),10000) $(FORCE_ARG)
 
 bench: $(STAMP)  ## benchmarks (speed figures; not tests)
 	$(PY) benchmarks/run_all.py --config $(CONFIG)

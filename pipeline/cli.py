@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--until", choices=RUN_ORDER, default="ensemble", help="last stage to run")
     p.add_argument("--force", action="store_true")
+    p = sub.add_parser("shard", help="convert a CSV or an image folder into webdataset tars")
+    _common(p)
+    p.add_argument("--input", required=True, help="a .csv/.tsv (OpenCLIP columns) or a folder of images + .txt/.json")
+    p.add_argument("--out", required=True, help="output folder for 000000.tar, 000001.tar, ...")
+    p.add_argument("--max-size-mb", type=float, default=1000.0, help="size target per shard (default 1000)")
+    p.add_argument("--max-count", type=int, default=10000, help="pairs per shard at most (default 10000)")
+    p.add_argument("--csv-separator", default=None, help="default prep.csv_separator")
+    p.add_argument("--csv-img-key", default=None, help="default prep.csv_img_key")
+    p.add_argument("--csv-caption-key", default=None, help="default prep.csv_caption_key")
+    p.add_argument("--force", action="store_true", help="overwrite tars already in --out")
     p = sub.add_parser("status", help="what is done, counts, what is stale")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -175,6 +185,28 @@ def cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Convert a CSV file or an image folder into webdataset tars (``stages/shard.py``)."""
+    from stages.shard import write_shards
+
+    summary = write_shards(
+        args.input,
+        args.out,
+        max_size_mb=args.max_size_mb,
+        max_count=args.max_count,
+        csv_separator=args.csv_separator or cfg.prep.csv_separator,
+        csv_img_key=args.csv_img_key or cfg.prep.csv_img_key,
+        csv_caption_key=args.csv_caption_key or cfg.prep.csv_caption_key,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
+    print(f"shard: {summary['num_pairs']} pairs in {summary['num_shards']} tar(s); skipped: {skipped}")
+    if summary["data_train"]:
+        print(f"train on them with: --set data.train='{summary['data_train']}'")
+    return 0
+
+
 def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """Print per-stage progress from the completion records."""
     rows = [stage_status(cfg, name) for name in STAGE_MODULES]
@@ -238,6 +270,7 @@ COMMANDS = {
     "train": cmd_train,
     "run": cmd_run,
     "status": cmd_status,
+    "shard": cmd_shard,
 }
 
 

@@ -236,7 +236,26 @@ class TrainConfig:
     model: str = "mode-tiny-vit"
     """open_clip model name (``ViT-B-32``, ``RN50``...) or one of ours in training/model_configs."""
     pretrained: str = ""
-    """Local checkpoint to initialise from (open_clip ``pretrained=`` file)."""
+    """Local checkpoint to initialise from (OpenCLIP ``--pretrained <file>``): a plain open_clip state
+    dict, ``open_clip_train``'s checkpoint (``state_dict`` key, ``module.`` prefixes) or our ``final.pt``
+    / ``step_<n>.pt``. Never downloaded."""
+    lock_image: bool = False
+    """Freeze the image tower (OpenCLIP ``--lock-image``; LiT)."""
+    lock_image_unlocked_groups: int = 0
+    """With ``lock_image``: leave the last N layer groups of the image tower trainable
+    (``--lock-image-unlocked-groups``)."""
+    lock_image_freeze_bn_stats: bool = False
+    """With ``lock_image``: also freeze BatchNorm running statistics (``--lock-image-freeze-bn-stats``)."""
+    lock_text: bool = False
+    """Freeze the text tower (``--lock-text``)."""
+    lock_text_unlocked_layers: int = 0
+    """With ``lock_text``: leave the last N transformer layers trainable (``--lock-text-unlocked-layers``)."""
+    force_patch_dropout: float = -1.0
+    """Fraction of image patch tokens dropped in training (OpenCLIP ``--force-patch-dropout``); -1 = the
+    model config's ``patch_dropout``, 0 = off (fine-tune without it)."""
+    force_image_size: int = 0
+    """Input size of the image tower in pixels (``--force-image-size``); 0 = the model's; position
+    embeddings of a pretrained checkpoint are interpolated."""
     precision: Literal["auto", "fp32", "amp_bf16", "amp"] = "auto"
     """``auto``: bf16 autocast on GPU and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32;
     ``amp_bf16``; ``amp`` (fp16 + GradScaler, GPU); ``fp32``."""
@@ -289,7 +308,12 @@ class TrainConfig:
     init_from_teacher: bool = False
     """Copy the teacher's shape-matching parameters into the student first."""
     lock_logit_scale: bool = False
-    """Freeze the logit scale."""
+    """Freeze the logit scale (clip_with_reference ``--lock-logit-scale``) at its initial value: the
+    pretrained / teacher value, else ``ln(1 / loss.temperature)`` (``loss.temperature: 0.01`` = 100)."""
+    lr_multiplier: float = 1.0
+    """Multiplies ``lr`` and ``min_lr`` of the model's parameters (the reference README's ``3η``: 3)."""
+    wd_multiplier: float = 1.0
+    """Multiplies ``wd`` (the reference README's ``3ω``: 3)."""
     baselines: list[str] = field(default_factory=lambda: ["dense"])
     """Baselines trained beside the experts (docs/ensemble.md): ``dense`` (the seed continued on
     all pairs to ``steps``), ``dense_equal_compute`` (one model, the experts' total steps),
@@ -314,10 +338,20 @@ class TrainConfig:
         if self.teacher and ":" not in self.teacher:
             raise ConfigError(f"train.teacher: expected '<model>:<checkpoint path>', got '{self.teacher}'")
         if self.init_from_teacher and not self.teacher:
-            raise ConfigError("train.init_from_teacher: needs train.teacher")
+            raise ConfigError("train.init_from_teacher: true needs a reference model in train.teacher (empty)")
+        if not (self.force_patch_dropout == -1.0 or 0.0 <= self.force_patch_dropout < 1.0):
+            raise ConfigError(f"train.force_patch_dropout: must be -1 (model default) or in [0, 1), got {self.force_patch_dropout}")
+        for name, flag in (
+            ("lock_image_unlocked_groups", "lock_image"), ("lock_image_freeze_bn_stats", "lock_image"),
+            ("lock_text_unlocked_layers", "lock_text"),
+        ):
+            if getattr(self, name) and not getattr(self, flag):
+                raise ConfigError(f"train.{name}: {getattr(self, name)} has no effect without train.{flag}: true")
         _check(
             self, "train", model="non-empty", lr="> 0", min_lr=">= 0", wd=">= 0", beta1="in [0, 1)",
             beta2="in [0, 1)", eps="> 0", grad_clip_norm=">= 0", device="a device",
+            lock_image_unlocked_groups=">= 0", lock_text_unlocked_layers=">= 0", force_image_size=">= 0",
+            lr_multiplier="> 0", wd_multiplier=">= 0",
         )
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr: {self.min_lr} is above train.lr {self.lr}")

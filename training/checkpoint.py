@@ -126,12 +126,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def export_final(run_dir: Path, model: nn.Module) -> Path:
     """Write ``final.pt``: the plain model state dict (no DDP prefix, float32 tensors on CPU).
 
-    ``open_clip.create_model_and_transforms(<model>, pretrained=<run_dir>/final.pt)`` loads it.
+    ``open_clip.create_model_and_transforms(<model>, pretrained=<run_dir>/final.pt)`` loads it. A
+    BatchNorm frozen by ``train.lock_image_freeze_bn_stats`` (open_clip's ``FrozenBatchNorm2d``) has no
+    ``num_batches_tracked``; it is written back (0) so that a fresh model loads the file strictly.
     """
     state = {
         k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
         for k, v in unwrap(model).state_dict().items()
     }
+    for name, module in unwrap(model).named_modules():
+        if type(module).__name__ == "FrozenBatchNorm2d":
+            state.setdefault(f"{name}.num_batches_tracked", torch.tensor(0, dtype=torch.long))
     path = Path(run_dir) / FINAL
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

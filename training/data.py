@@ -1,4 +1,4 @@
-"""Training data of one run: the original tars, filtered to an expert's pairs, as an endless stream.
+"""Training data of one run: the original tars or CSV files, filtered to an expert's pairs, as an endless stream.
 
 What a run trains on (:class:`ExpertData`):
 
@@ -24,14 +24,18 @@ resume exact and runs reproducible:
 * the caption of a visit (one of ``texts``) and the augmentation are seeded by
   (seed, epoch, pair id), so the same pair visit gives the same tensors wherever it is decoded.
 
-Resuming after ``n`` batches skips positions arithmetically (no reading). Members are read with
-``os.pread`` from an index of the tar (offsets of each member), so only the pairs a worker needs are
-read; tars must be uncompressed local files (as prep listed them).
+Resuming after ``n`` batches skips positions arithmetically (no reading). A shard is read through a
+per-kind reader (:func:`open_shard`): a tar's members with ``os.pread`` from an index of the tar
+(offsets of each member), so only the pairs a worker needs are read (tars must be uncompressed local
+files, as prep listed them); a CSV shard (OpenCLIP's ``--dataset-type csv``) from the image files its
+rows name, relative to the CSV, with the caption of the row. Both give the same keys prep recorded, so
+order, selection, resume and splitting do not depend on the kind.
 """
 
 from __future__ import annotations
 
 import bisect
+import csv
 import hashlib
 import io
 import json
@@ -73,7 +77,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One training tar and how many of its pairs the run uses."""
+    """One training shard (a tar or a CSV file) and how many of its pairs the run uses."""
 
     name: str
     path: str
@@ -83,6 +87,8 @@ class ShardInfo:
     """Pairs of the expert (all pairs for the seed model)."""
     num_out: int
     """Other pairs: the candidates of the out-of-cluster sample."""
+    kind: str = "tar"
+    """``tar`` or ``csv`` (prep's ``shards.parquet`` kind)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,9 @@ class ExpertData:
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     caption_keys: tuple[str, ...] = ("txt", "json")
     json_fields: tuple[str, ...] = ("caption", "texts")
+    csv_options: tuple[str, str, str] = (",", "filepath", "caption")
+    """(separator, image column, caption column) of CSV shards: ``prep.csv_separator``,
+    ``prep.csv_img_key``, ``prep.csv_caption_key`` (OpenCLIP's ``--csv-*`` options)."""
 
     @property
     def epoch_size(self) -> float:
@@ -161,15 +170,16 @@ def load_expert_data(
 
     Raises:
         FileNotFoundError: prep (or assign) has not finished.
-        ValueError: the expert id is out of range, or a shard is not a tar.
+        ValueError: the expert id is out of range, or a shard is neither a tar nor a CSV file.
     """
     prep_dir = cfg.run_dir / "prep"
     num_pairs = int(read_manifest(prep_dir, "prep")["num_pairs"])
     index = pq.read_table(prep_dir / "shards.parquet").to_pylist()
-    non_tar = [row["shard"] for row in index if row["kind"] != "tar"]
-    if non_tar:
+    unknown = [row for row in index if row["kind"] not in SHARD_READERS]
+    if unknown:
         raise StageError(
-            f"train: only tar shards can be trained on, got {non_tar[0]} ({len(non_tar)} non-tar shard(s))"
+            f"train: cannot read shard {unknown[0]['shard']} of kind '{unknown[0]['kind']}' "
+            f"(readers: {', '.join(SHARD_READERS)})"
         )
     tables = _expert_tables(cfg, expert, partition) if expert is not None else None
     shards = []
@@ -178,7 +188,7 @@ def load_expert_data(
             continue
         if tables is None:
             table = str(prep_dir / "captions" / f"{row['shard']}.parquet")
-            shards.append(ShardInfo(row["shard"], row["path"], table, int(row["count"]), 0))
+            shards.append(ShardInfo(row["shard"], row["path"], table, int(row["count"]), 0, row["kind"]))
             continue
         if row["shard"] not in tables:
             raise FileNotFoundError(
@@ -186,7 +196,9 @@ def load_expert_data(
             )
         num_in = int((_read_table(tables[row["shard"]], expert)[2]).sum())
         shards.append(
-            ShardInfo(row["shard"], row["path"], tables[row["shard"]], num_in, int(row["count"]) - num_in)
+            ShardInfo(
+                row["shard"], row["path"], tables[row["shard"]], num_in, int(row["count"]) - num_in, row["kind"]
+            )
         )
     return ExpertData(
         tuple(shards),
@@ -197,6 +209,7 @@ def load_expert_data(
         tuple(cfg.prep.image_keys),
         tuple(cfg.prep.caption_keys),
         tuple(cfg.prep.json_fields),
+        (cfg.prep.csv_separator, cfg.prep.csv_img_key, cfg.prep.csv_caption_key),
     )
 
 
@@ -382,36 +395,103 @@ class TarIndex:
             self.fd = -1
 
 
+CSV_IMAGE, CSV_CAPTION = "<csv image>", "<csv caption>"
+"""Raw-member names a CSV row is read into (no tar member can be named so: they hold a space)."""
+
+
+def csv_delimiter(path: str, separator: str) -> str:
+    """The separator of a CSV shard: ``separator``, but tab for a ``.tsv`` left at the default ``,`` (as prep)."""
+    return "\t" if path.endswith(".tsv") and separator == "," else separator
+
+
+@dataclass
+class CsvIndex:
+    """The rows of one CSV shard: ``{key: (image path, caption)}``, key = the data row's index (as prep).
+
+    Images are read from their files (paths relative to the CSV, or absolute) when a pair is visited.
+    """
+
+    path: str
+    members: dict[str, tuple[str, str]]
+    order: list[str]
+
+    @classmethod
+    def build(cls, path: str, separator: str = ",", img_key: str = "filepath", caption_key: str = "caption") -> CsvIndex:
+        """Parse the CSV once (the same reading as prep: utf-8 with surrogate escapes, csv quoting)."""
+        base = Path(path).parent
+        members: dict[str, tuple[str, str]] = {}
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+                reader = csv.DictReader(handle, delimiter=csv_delimiter(path, separator))
+                fields = reader.fieldnames or []
+                if img_key not in fields or caption_key not in fields:
+                    raise ValueError(
+                        f"train: {path} needs columns '{img_key}' and '{caption_key}' "
+                        f"(prep.csv_img_key / prep.csv_caption_key), has {fields}"
+                    )
+                for row_idx, row in enumerate(reader):
+                    image, caption = row.get(img_key), row.get(caption_key)
+                    if image is None or caption is None:
+                        continue
+                    members[str(row_idx)] = (str(Path(image) if Path(image).is_absolute() else base / image), caption)
+        except OSError as exc:
+            raise ValueError(f"train: cannot read CSV shard {path} ({exc})") from None
+        return cls(path, members, list(members))
+
+    def read(self, key: str) -> dict[str, bytes]:
+        """The image bytes and caption of row ``key``."""
+        image, caption = self.members[key]
+        return {CSV_IMAGE: Path(image).read_bytes(), CSV_CAPTION: caption.encode("utf-8")}
+
+    def close(self) -> None:
+        """Nothing to close (each image is opened and closed on read)."""
+
+
+ShardReader = TarIndex | CsvIndex
+SHARD_READERS = ("tar", "csv")
+"""Shard kinds the trainer reads (prep's ``shards.parquet`` ``kind``)."""
+
+
+def open_shard(info: ShardInfo, data: ExpertData) -> ShardReader:
+    """The reader of one shard, by its kind."""
+    if info.kind == "csv":
+        return CsvIndex.build(info.path, *data.csv_options)
+    return TarIndex.build(info.path)
+
+
 class ShardCache:
-    """The tar indexes and per-epoch selections a reader is using (a few at a time)."""
+    """The shard readers (tar indexes, CSV rows) and per-epoch selections a reader is using (a few at a time)."""
 
     def __init__(self, data: ExpertData, capacity: int = 4) -> None:
         self.data, self.capacity = data, capacity
-        self._tars: OrderedDict[int, TarIndex] = OrderedDict()
+        self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self._picks: OrderedDict[tuple[int, int], list[tuple[str, int]]] = OrderedDict()
 
-    def tar(self, shard: int) -> TarIndex:
-        """Index of ``shard``'s tar."""
-        if shard in self._tars:
-            self._tars.move_to_end(shard)
+    def reader(self, shard: int) -> ShardReader:
+        """Reader of ``shard`` (its tar index or its CSV rows)."""
+        if shard in self._readers:
+            self._readers.move_to_end(shard)
         else:
-            self._tars[shard] = TarIndex.build(self.data.shards[shard].path)
-            if len(self._tars) > self.capacity:
-                self._tars.popitem(last=False)[1].close()
-        return self._tars[shard]
+            self._readers[shard] = open_shard(self.data.shards[shard], self.data)
+            if len(self._readers) > self.capacity:
+                self._readers.popitem(last=False)[1].close()
+        return self._readers[shard]
+
+    tar = reader
+    """Former name of :meth:`reader`."""
 
     def picks(self, shard: int, epoch: int) -> list[tuple[str, int]]:
         """(key, pair id) of the pairs of ``shard`` used in ``epoch``, in tar order."""
         if (shard, epoch) not in self._picks:
             chosen = self.data.selected(shard, epoch)
-            tar = self.tar(shard)
-            missing = [k for k in chosen if k not in tar.members]
+            reader = self.reader(shard)
+            missing = [k for k in chosen if k not in reader.members]
             if missing:
                 raise ValueError(
-                    f"train: {tar.path} lacks member '{missing[0]}' listed by prep; "
-                    f"the shard changed since prep ran (rerun prep)"
+                    f"train: {reader.path} lacks {'row' if isinstance(reader, CsvIndex) else 'member'} "
+                    f"'{missing[0]}' listed by prep; the shard changed since prep ran (rerun prep)"
                 )
-            self._picks[(shard, epoch)] = [(k, chosen[k]) for k in tar.order if k in chosen]
+            self._picks[(shard, epoch)] = [(k, chosen[k]) for k in reader.order if k in chosen]
             if len(self._picks) > self.capacity:
                 self._picks.popitem(last=False)
         return self._picks[(shard, epoch)]
@@ -433,7 +513,7 @@ class SampleDecoder:
     def __call__(self, raw: dict[str, bytes], epoch: int, pair_id: int) -> tuple[torch.Tensor, str]:
         """Decode one visit of a pair."""
         caption = self.caption(raw, epoch, pair_id)
-        ext = next((e for e in self.image_keys if e in raw), None)
+        ext = next((e for e in (CSV_IMAGE, *self.image_keys) if e in raw), None)
         if ext is None:
             raise ValueError("no image member")
         with Image.open(io.BytesIO(raw[ext])) as img:
@@ -444,6 +524,8 @@ class SampleDecoder:
 
     def caption(self, raw: dict[str, bytes], epoch: int, pair_id: int) -> str:
         """The caption of this visit: a string field, or one of a list drawn with a seeded RNG."""
+        if CSV_CAPTION in raw:
+            return raw[CSV_CAPTION].decode("utf-8").strip()
         for ext in self.caption_keys:
             if ext not in raw:
                 continue
@@ -546,7 +628,7 @@ class ExpertStream(IterableDataset):
         for epoch, shard, ordinal in self.batch_sources(batch, order):
             key, pair_id = cache.picks(shard, epoch)[ordinal]
             try:
-                image, caption = self.decoder(cache.tar(shard).read(key), epoch, pair_id)
+                image, caption = self.decoder(cache.reader(shard).read(key), epoch, pair_id)
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 log.warning("skipping undecodable pair %d (%s/%s): %s", pair_id, shard, key, exc)
                 continue

@@ -50,7 +50,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, scale: ScaleRule) -> tor
         elif param.requires_grad:
             groups[NO_DECAY if no_weight_decay(name, param) else DECAY].append(param)
     params = [
-        {"name": name, "params": ps, "weight_decay": cfg.wd if name == DECAY else 0.0}
+        {"name": name, "params": ps, "weight_decay": cfg.wd * cfg.wd_multiplier if name == DECAY else 0.0}
         for name, ps in groups.items()
         if ps
     ]
@@ -59,14 +59,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, scale: ScaleRule) -> tor
         for g in params
         for p in g["params"]
     )
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.lr * cfg.lr_multiplier, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """Re-apply betas/eps/weight decay from the config (after loading an optimizer state)."""
+    """Re-apply betas/eps/weight decay (``wd x wd_multiplier``) from the config (after loading an optimizer state)."""
     for group in optimizer.param_groups:
         group["betas"], group["eps"] = (cfg.beta1, cfg.beta2), cfg.eps
-        group["weight_decay"] = cfg.wd if group.get("name") == DECAY else 0.0
+        group["weight_decay"] = cfg.wd * cfg.wd_multiplier if group.get("name") == DECAY else 0.0
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
@@ -93,7 +93,8 @@ def set_learning_rates(
         step: Global step (0-based) of the whole seed + expert schedule.
         tau: Current temperature 1 / exp(logit_scale) (``step_thresh`` scheduler).
     """
-    model_lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
+    m = cfg.lr_multiplier  # the reference README's 3η: lr and min_lr scaled together
+    model_lr = cosine_lr(step, cfg.lr * m, cfg.warmup, cfg.steps, cfg.min_lr * m)
     rates = {}
     for group in optimizer.param_groups:
         lr = model_lr

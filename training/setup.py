@@ -31,7 +31,7 @@ from training.dist import DistContext
 from training.loop import Precision, RunSpec, Teacher, Trainer, TrainState, resolve_precision
 from training.losses import ContrastiveLoss, LossConfig, build_loss, init_student_from_teacher
 from training.metrics import MetricsLogger
-from training.models import ModelBundle, create_model, create_teacher
+from training.models import ModelBundle, create_model, create_teacher, lock_towers
 from training.optim import ScaleRule, apply_hyperparameters, build_optimizer
 from training.zeroshot import ZeroShotEvaluator, list_classification_tasks
 
@@ -60,8 +60,18 @@ def filled_loss_config(cfg: PipelineConfig, data: ExpertData) -> LossConfig:
 def build_model(cfg: PipelineConfig, ctx: DistContext) -> ModelBundle:
     """The student: same random init on every rank (seeded), or ``train.pretrained``."""
     torch.manual_seed(cfg.run.seed)
-    bundle = create_model(cfg.train.model, cfg.train.pretrained, ctx.device)
-    if cfg.train.grad_checkpointing:
+    t = cfg.train
+    bundle = create_model(
+        t.model,
+        t.pretrained,
+        ctx.device,
+        force_patch_dropout=None if t.force_patch_dropout < 0 else t.force_patch_dropout,
+        force_image_size=t.force_image_size or None,
+    )
+    frozen = lock_towers(bundle.model, t)
+    if frozen:
+        log.info("lock_image/lock_text: %d parameter tensors frozen", len(frozen))
+    if t.grad_checkpointing:
         bundle.model.set_grad_checkpointing(True)
     return bundle
 

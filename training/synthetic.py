@@ -104,6 +104,24 @@ def write_train_tars(
     return labels
 
 
+def write_train_csv(folder: Path, num_rows: int, size: int, seed: int, num_classes: int = len(CLASSES)) -> dict[str, int]:
+    """Write ``<folder>/train.csv`` (OpenCLIP's ``filepath,caption``) and ``<folder>/images/<i>.jpg``.
+
+    Paths in the CSV are relative to it. Returns key → class id, key = the row index (prep's key of a CSV row).
+    """
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 7])
+    labels, lines = {}, ["filepath,caption"]
+    for i in range(num_rows):
+        label = int(rng.integers(num_classes))
+        (folder / "images" / f"{i:05d}.jpg").write_bytes(_jpeg(draw(label, rng, size)))
+        caption = _CAPTIONS[i % len(_CAPTIONS)].format(CLASSES[label])
+        lines.append(f'images/{i:05d}.jpg,"{caption}"')
+        labels[str(i)] = label
+    (folder / "train.csv").write_text("\n".join(lines) + "\n")
+    return labels
+
+
 def write_eval_task(
     root: Path, per_class: int, size: int, seed: int, num_classes: int = len(CLASSES)
 ) -> Path:
@@ -176,6 +194,7 @@ def make_synthetic_run(
     eval_per_class: int = 16,
     seed: int = 0,
     with_txt: bool = False,
+    csv: bool = False,
     overrides: list[str] | None = None,
 ) -> SyntheticRun:
     """Build data, prep and assign artifacts of a tiny run under ``root``.
@@ -189,6 +208,7 @@ def make_synthetic_run(
         eval_per_class: Images per class in the eval task.
         seed: Data seed (and ``run.seed``).
         with_txt: Also write ``.txt`` captions (for OpenCLIP's loader).
+        csv: One CSV source of ``num_shards * per_shard`` rows (image files) instead of tars.
         overrides: Extra ``--set`` style overrides applied to the config.
 
     Returns:
@@ -196,16 +216,21 @@ def make_synthetic_run(
     """
     from pipeline.runner import run_stage
 
-    labels = write_train_tars(
-        root / "data" / "train", num_shards, per_shard, image_size, seed, with_txt=with_txt
-    )
+    if csv:
+        labels = write_train_csv(root / "data" / "csv", num_shards * per_shard, image_size, seed)
+        train = str(root / "data" / "csv" / "train.csv")
+    else:
+        labels = write_train_tars(
+            root / "data" / "train", num_shards, per_shard, image_size, seed, with_txt=with_txt
+        )
+        train = f"{root / 'data' / 'train'}/{{0..{num_shards - 1}}}.tar"
     write_eval_task(root / "data" / "eval", eval_per_class, image_size, seed)
     base = [
         f"run.root={root / 'runs'}",
         "run.name=synthetic",
         f"run.seed={seed}",
         "run.workers=1",
-        f"data.train={root / 'data' / 'train'}/{{0..{num_shards - 1}}}.tar",
+        f"data.train={train}",
         "data.layout=flat",
         f"data.eval_root={root / 'data' / 'eval'}",
         f"cluster.num_experts={num_experts}",

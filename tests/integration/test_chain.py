@@ -79,3 +79,38 @@ def test_every_make_target_command_parses():
     for command in ("demo-data", "prep", "embed", "cluster", "assign", "train", "ensemble", "run", "status"):
         args = parser.parse_args([command, "--config", "configs/demo.yaml", "--launcher", "local", "--set", "run.seed=1"])
         assert args.command == command and args.launcher == "local"
+
+
+def _tars_to_csv(train_dir, out):
+    """OpenCLIP's CSV form of the demo tars: images/<key>.jpg and ``filepath,caption`` (first text)."""
+    import tarfile
+
+    (out / "images").mkdir(parents=True)
+    rows = []
+    for tar_path in sorted(train_dir.rglob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        for name in sorted(n for n in members if n.endswith(".jpg")):
+            key = name[: -len(".jpg")]
+            (out / "images" / name).write_bytes(members[name])
+            rows.append([f"images/{name}", json.loads(members[f"{key}.json"])["texts"][0]])
+    with open(out / "train.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["filepath", "caption"], *rows])
+    return out / "train.csv", len(rows)
+
+
+def test_whole_chain_on_a_csv_source(tmp_path):
+    """A `filepath,caption` CSV through prep, embed, cluster, assign, seed, experts and ensemble."""
+    data = tmp_path / "data"
+    sets = [*TINY, f"run.root={tmp_path / 'runs'}", f"demo_data.out={data}", f"data.eval_root={data}/eval"]
+    argv = ["--config", "configs/demo.yaml", "--quiet", *sum((["--set", s] for s in sets), [])]
+    assert cli.main(["demo-data", *argv]) == 0
+    source, rows = _tars_to_csv(data / "train", tmp_path / "csv")
+    argv += ["--set", f"data.train={source}"]
+    assert cli.main(["run", *argv]) == 0
+    run = tmp_path / "runs" / "demo"
+    assert json.loads((run / "prep" / "manifest.json").read_text())["num_pairs"] == rows == 240
+    for model in ("seed", "expert_0", "expert_1"):
+        manifest = json.loads((run / "train" / model / "manifest.json").read_text())
+        assert (run / "train" / model / "final.pt").is_file() and manifest["step"] == (4 if model == "seed" else 6), model
+    assert (run / "ensemble" / "report.md").is_file()

@@ -95,3 +95,63 @@ def test_launcher_environment_and_cpu_threads(monkeypatch):
         assert set_cpu_threads(DistContext(), workers=64) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _open_clip_train_checkpoint(final, path):
+    """What ``open_clip_train`` saves: epoch, name, DDP-prefixed ``state_dict``, optimizer state."""
+    state = {f"module.{k}": v for k, v in torch.load(final).items()}
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    torch.save({"epoch": 1, "name": "seed", "state_dict": state, "optimizer": opt.state_dict()}, path)
+    return path
+
+
+def test_finetune_from_an_open_clip_train_checkpoint_with_the_image_tower_locked(base, tmp_path):
+    seed_cfg = fresh(base, tmp_path / "t", "train.steps=2", "train.save_every=2")
+    train_experts(seed_cfg, 0, progress=False)
+    seed = torch.load(seed_cfg.run_dir / "train" / "expert_0" / "final.pt")
+    start = _open_clip_train_checkpoint(seed_cfg.run_dir / "train" / "expert_0" / "final.pt", tmp_path / "e1.pt")
+    cfg = fresh(base, tmp_path / "s", f"train.pretrained={start}", "train.lock_image=true")
+    train_experts(cfg, 0, progress=False)
+    final = torch.load(cfg.run_dir / "train" / "expert_0" / "final.pt")
+    visual = [k for k in final if k.startswith("visual.")]
+    assert visual and all(torch.equal(final[k], seed[k]) for k in visual)  # loaded, then frozen
+    assert not torch.equal(final["text_projection"], seed["text_projection"])  # the text tower trains
+    unlocked = fresh(
+        base, tmp_path / "u", f"train.pretrained={start}", "train.lock_image=true",
+        "train.lock_image_unlocked_groups=1", "train.lock_text=true",
+    )
+    train_experts(unlocked, 0, progress=False)
+    final = torch.load(unlocked.run_dir / "train" / "expert_0" / "final.pt")
+    assert torch.equal(final["visual.conv1.weight"], seed["visual.conv1.weight"])
+    assert not torch.equal(final["visual.proj"], seed["visual.proj"])  # last group unlocked
+    assert torch.equal(final["token_embedding.weight"], seed["token_embedding.weight"])
+
+
+def test_patch_dropout_and_forced_image_size(base, tmp_path):
+    from training.models import create_model
+
+    bundle = create_model("mode-micro-vit", force_patch_dropout=0.5, force_image_size=48)
+    assert bundle.model.visual.patch_dropout.prob == 0.5
+    assert bundle.model.visual.positional_embedding.shape[0] == (48 // 8) ** 2 + 1
+    cfg = fresh(base, tmp_path, "train.force_patch_dropout=0.5", "train.force_image_size=48")
+    train_experts(cfg, 0, progress=False)
+    final = torch.load(cfg.run_dir / "train" / "expert_0" / "final.pt")
+    assert final["visual.positional_embedding"].shape[0] == 37
+
+
+def test_wrong_teacher_or_none_is_one_line_naming_both(base, tmp_path, capsys):
+    from pipeline import cli
+
+    teacher = tmp_path / "rn.pt"
+    from training.models import create_model
+
+    torch.save(create_model("mode-tiny-rn").model.state_dict(), teacher)
+    cfg = fresh(base, tmp_path, f"train.teacher=mode-micro-vit:{teacher}", "loss.distill_weight=0.5")
+    config = tmp_path / "c.yaml"
+    config.write_text(dump_yaml(cfg))
+    assert cli.main(["train", "--config", str(config), "--expert", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds another architecture (ResNet" in err and "than 'mode-micro-vit'" in err
+    assert cli.main(["train", "--config", str(config), "--expert", "0", "--set", "train.teacher="]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: loss.distill_weight: 0.5 needs a reference model in train.teacher (empty)"

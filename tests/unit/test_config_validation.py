@@ -59,8 +59,11 @@ def test_bad_value_is_one_line_naming_key_value_and_rule(override, expected):
     "overrides, expected",
     [
         (["loss.distill_weight=0.5"], "loss.distill_weight: 0.5 needs a reference model in train.teacher"),
-        (["train.init_from_teacher=true"], "train.init_from_teacher: needs train.teacher"),
+        (["train.init_from_teacher=true"], "train.init_from_teacher: true needs a reference model in train.teacher"),
         (["train.min_lr=0.1", "train.lr=0.01"], "train.min_lr: 0.1 is above train.lr 0.01"),
+        (["train.lock_image_unlocked_groups=2"], "train.lock_image_unlocked_groups: 2 has no effect without train.lock_image"),
+        (["train.lock_text_unlocked_layers=1"], "train.lock_text_unlocked_layers: 1 has no effect without train.lock_text"),
+        (["train.force_patch_dropout=1.5"], "train.force_patch_dropout: must be -1 (model default) or in [0, 1)"),
         (["cluster.sample_size=10", "cluster.num_fine=64"], "cluster.sample_size: 10 is less than cluster.num_fine 64"),
         (["cluster.num_experts=9", "cluster.num_fine=8"], "cluster.num_experts: must not exceed cluster.num_fine"),
         (["train.seed_steps=9", "train.steps=5"], "train.seed_steps: 9 not in [0, train.steps]"),

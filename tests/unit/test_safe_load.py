@@ -96,7 +96,7 @@ def test_teacher_refuses_a_malicious_file_and_names_a_wrong_architecture(tmp_pat
     assert not marker.exists()
     other = tmp_path / "rn.pt"
     torch.save(create_model("mode-tiny-rn").model.state_dict(), other)
-    with pytest.raises(ConfigError, match=r"^train\.teacher: cannot load .* into 'mode-micro-vit'") as info:
+    with pytest.raises(ConfigError, match=r"^train\.teacher: .*rn\.pt holds another architecture \(ResNet stem width .*\) than 'mode-micro-vit' \(ViT width 32") as info:
         create_teacher(f"mode-micro-vit:{other}", "cpu")
     one_line(info.value)
 

@@ -71,3 +71,15 @@ def test_final_pt_loads_with_open_clip_as_is(tmp_path):
     for key, value in bundle.model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert float(loaded.logit_scale.detach()) == 2.5 and preprocess is not None
+
+
+def test_final_of_a_locked_resnet_with_frozen_bn_stats_loads_strictly(tmp_path):
+    from pipeline.config import TrainConfig
+    from training.models import lock_towers
+
+    model = create_model("mode-tiny-rn").model
+    frozen = lock_towers(model, TrainConfig(lock_image=True, lock_image_freeze_bn_stats=True))
+    assert frozen and all(name.startswith("visual.") for name in frozen)
+    path = ckpt.export_final(tmp_path, model)
+    assert "visual.bn1.num_batches_tracked" in torch.load(path)
+    open_clip.create_model_and_transforms("mode-tiny-rn", pretrained=str(path))  # strict

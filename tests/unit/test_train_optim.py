@@ -107,3 +107,16 @@ def test_train_config_validation_and_teacher_spec():
     assert parse_teacher("mode-tiny-vit:/runs/x/final.pt") == ("mode-tiny-vit", "/runs/x/final.pt")
     with pytest.raises(ValueError, match="train.teacher"):
         parse_teacher(":/x.pt")
+
+
+def test_reference_lr_and_wd_multipliers_scale_the_model_groups(model):
+    base, scaled = TrainConfig(), TrainConfig(lr_multiplier=3.0, wd_multiplier=3.0, min_lr=1e-4)
+    rule = ScaleRule(None, "cosine", False)
+    plain, opt = build_optimizer(model, base, rule), build_optimizer(model, scaled, rule)
+    assert _groups(opt)[DECAY]["weight_decay"] == pytest.approx(3 * _groups(plain)[DECAY]["weight_decay"])
+    assert _groups(opt)[NO_DECAY]["weight_decay"] == 0.0
+    rates = set_learning_rates(opt, scaled, rule, 100, 0.07)
+    assert rates[DECAY] == pytest.approx(3 * cosine_lr(100, scaled.lr, scaled.warmup, scaled.steps, scaled.min_lr))
+    apply_hyperparameters(opt, scaled)
+    assert _groups(opt)[DECAY]["weight_decay"] == pytest.approx(0.3)
+    assert set_learning_rates(opt, scaled, rule, scaled.steps, 0.07)[DECAY] == pytest.approx(3e-4)  # min_lr x 3
