@@ -29,23 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.losses.dist_utils import all_gather_columns, all_gather_no_grad, all_gather_with_grad, check_process_group
-from training.losses.estimators import moving_average
+from training.losses.dist_utils import (
+    all_gather_columns,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    check_process_group,
+)
+from training.losses.estimators import moving_average, u_statistics
 from training.losses.tables import SampleTables
 
 LOSS_TYPES = ("dcl", "simclr")
-U_QUANTILES = (0.1, 0.5, 0.9)
-
-
-def u_statistics(u: torch.Tensor, prefix: str = "u") -> dict[str, torch.Tensor]:
-    """Mean and 10/50/90 % quantiles of a vector of moving averages (detached diagnostics)."""
-    u = u.detach().float()
-    q = torch.quantile(u, torch.tensor(U_QUANTILES, dtype=u.dtype, device=u.device))
-    out = {f"{prefix}_mean": u.mean()}
-    out.update({f"{prefix}_q{int(level * 100)}": value for level, value in zip(U_QUANTILES, q, strict=True)})
-    return out
-
-
 class UnimodalContrastiveLoss(nn.Module):
     """SogCLR ``dcl`` or SimCLR ``simclr`` on two views.
 
