@@ -41,7 +41,7 @@ _MNIST_SPLIT_SEED = 20240422
 _JPEG_QUALITY = 90
 _TAR_MTIME = 1704067200  # 2024-01-01T00:00:00Z, fixed so tars are byte-identical
 _PLAN, _TRAIN, _EVAL, _RETRIEVAL_PLAN, _RETRIEVAL, _TRAIN_SPLIT = range(6)  # RNG stream ids
-TRAIN_SPLIT_FACTOR = 2
+TRAIN_SPLIT_FACTOR = 5
 """Each classification task also gets ``eval/<task>/train/`` with this many times ``eval_per_class``
 labelled images per class (drawn like training images: MNIST digits from the training rows), for
 linear evaluation / linear probes. Its own ``task.json`` lists its shards, so the test split's files
