@@ -42,3 +42,21 @@ def test_glofnd_phase_and_lambda_statistics_show_why_nothing_is_removed():
     assert float(masked["glofnd_phase"]) == 2
     assert float(masked["lambda_q50"]) < 0.9
     assert float(masked["neg_removed_frac"]) > 0.0
+
+
+def test_init_quantile_sets_lambda_to_the_batch_quantile_on_the_first_visit():
+    cfg = LossConfig(
+        name="fastclip", version="v1", data_size=8, glofnd="glofnd", glofnd_alpha=0.25, glofnd_init_quantile=True
+    )
+    loss = build_loss(cfg, rank=0, world_size=1, device="cpu")
+    out = step(loss, 0)
+    gen = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(8, 6, generator=gen), dim=1)
+    text = F.normalize(image + 0.3 * torch.randn(8, 6, generator=gen), dim=1)
+    sim = image @ text.T
+    neg = ~torch.eye(8, dtype=torch.bool)
+    want = torch.stack([torch.quantile(sim[i][neg[i]], 0.75) for i in range(8)])
+    torch.testing.assert_close(loss.tables.lda_im, want)
+    assert float(out["neg_removed_frac"]) > 0.1  # the filter acts from the first visit
+    again = step(loss, 1)  # later visits take Adam steps from there
+    assert float(again["lambda_moved_frac"]) == 1.0

@@ -160,7 +160,11 @@ class GlobalContrastiveLoss(GCLBase):
         self.glofnd = None
         if cfg.glofnd == "glofnd":
             self.glofnd = GloFNDThreshold(
-                cfg.glofnd_alpha, cfg.glofnd_lr_lda, cfg.glofnd_start_update, cfg.glofnd_start_lda
+                cfg.glofnd_alpha,
+                cfg.glofnd_lr_lda,
+                cfg.glofnd_start_update,
+                cfg.glofnd_start_lda,
+                cfg.glofnd_init_quantile,
             )
             for side in SIDES:
                 tables.update({f"lda_{side}": LAMBDA_INIT, f"lda_m_{side}": 0.0, f"lda_v_{side}": 0.0})
