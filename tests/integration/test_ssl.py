@@ -119,3 +119,12 @@ def test_linear_classifier_separates_separable_features():
     cfg = load_config(None, ["linear_eval.epochs=30", "linear_eval.batch_size=64"]).linear_eval
     result = train_linear(x[:300], y[:300], x[300:], y[300:], cfg)
     assert result["top1"] > 90 and result["top5"] == 100
+
+
+def test_slurm_dry_run_prints_the_job(tmp_path, capsys):
+    from training.ssl.main import submit_ssl
+
+    cfg = load_config("configs/sogclr_imagenet.yaml", [f"run.root={tmp_path}", "launcher.dry_run=true"])
+    assert submit_ssl(cfg) is None
+    out = capsys.readouterr().out
+    assert "dry run" in out and "#SBATCH" in out and "--gpus-per-node=4" in out
