@@ -128,3 +128,36 @@ def test_slurm_dry_run_prints_the_job(tmp_path, capsys):
     assert submit_ssl(cfg) is None
     out = capsys.readouterr().out
     assert "dry run" in out and "#SBATCH" in out and "--gpus-per-node=4" in out
+
+
+def test_two_gloo_ranks_with_torchrun(tmp_path, data):
+    """DDP smoke: 2 gloo ranks train one epoch (u table filled for every image), and a 1-process
+    resume of that run is refused (the global batch split would change)."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.runner import StageError
+
+    sets = {
+        "run.root": str(tmp_path / "runs"), "run.name": "t", "ssl.data": str(data), "ssl.arch": "resnet18",
+        "ssl.image_size": 16, "ssl.batch_size": 8, "ssl.epochs": 1, "ssl.mlp_dim": 32, "ssl.proj_dim": 16,
+        "ssl.workers": 0, "ssl.print_freq": 1, "ssl.precision": "fp32", "ssl.warmup_epochs": 0,
+        "ssl.device": "cpu",
+    }
+    args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node=2", "-m", "training.ssl.main", "--config", "configs/demo_sogclr.yaml",
+         *args, "--quiet"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = load_config("configs/demo_sogclr.yaml", [f"{k}={v}" for k, v in sets.items()])
+    state = torch.load(ckpt.latest_checkpoint(run_dir(cfg)), weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert (state["loss"]["tables.u"] > 0).all()
+    with pytest.raises(StageError, match="2 process"):
+        train_ssl(load_config("configs/demo_sogclr.yaml", [f"{k}={v}" for k, v in sets.items()] + ["ssl.epochs=2"]),
+                  progress=False, resume=str(ckpt.latest_checkpoint(run_dir(cfg))))
