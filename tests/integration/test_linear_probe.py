@@ -26,6 +26,17 @@ def write_task(root, name, per_class=4, classes=3):
 
 
 def test_linear_probe_experts_vs_dense(tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is several times faster on a shared CPU
+    try:
+        _probe(tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe(tmp_path, capsys):
     _register_tiny_model(tmp_path)
     eval_root = tmp_path / "eval"
     write_task(eval_root, "colors")
