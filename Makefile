@@ -14,7 +14,7 @@ FORCE ?=
 ARGS = --config $(CONFIG) --launcher $(LAUNCHER) $(foreach s,$(SET),--set $(s))
 FORCE_ARG = $(if $(FORCE),--force)
 
-.PHONY: help setup demo demo-ablation test test-fast test-slurm prep embed cluster assign add-experts train ensemble run status bench lint clean-demo shard
+.PHONY: help setup demo demo-ablation test test-fast test-slurm prep embed cluster assign add-experts train ensemble ssl linear-eval linear-probe run status bench lint clean-demo shard
 
 help:  ## list targets
 	@echo "MoDE data-expert pipeline. Targets (CONFIG=$(CONFIG)):"
@@ -82,6 +82,19 @@ endif
 
 ensemble: $(STAMP)  ## evaluate experts, route, write the report
 	$(CLI) ensemble $(ARGS) $(FORCE_ARG)
+
+ssl: $(STAMP)  ## self-supervised SogCLR/SimCLR image training (CONFIG=configs/demo_sogclr.yaml; NPROC>1 uses torchrun)
+ifeq ($(NPROC),1)
+	$(CLI) ssl $(ARGS)
+else
+	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m training.ssl.main --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+endif
+
+linear-eval: $(STAMP)  ## linear evaluation of SSL backbones on cached features (RUNS='sogclr simclr random')
+	$(CLI) linear-eval $(ARGS) $(if $(RUNS),--runs $(RUNS))
+
+linear-probe: $(STAMP)  ## linear probe of the experts' concatenated features vs the dense model
+	$(CLI) linear-probe $(ARGS)
 
 run: $(STAMP)  ## every stage in order, skipping finished work
 	$(CLI) run $(ARGS) $(FORCE_ARG)

@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--num-experts", type=int, default=1, help="experts to add (default 1)")
     p.add_argument("--num-fine", type=int, default=None, help="their fine centres (default cluster.num_fine)")
+    p = sub.add_parser("ssl", help="self-supervised image training (SogCLR dcl / SimCLR), docs/ssl.md")
+    _common(p)
+    p.add_argument("--resume", default="latest", help="'latest' (default), 'none' or a checkpoint path")
+    p.add_argument("--stop-at-step", type=int, default=None, help="stop (with a checkpoint) at this step")
+    p = sub.add_parser("linear-eval", help="linear evaluation of SSL backbones on cached frozen features")
+    _common(p)
+    p.add_argument("--runs", nargs="+", default=None, help="ssl run names, checkpoint paths or 'random'")
+    p = sub.add_parser("linear-probe", help="linear probe of the experts' concatenated features vs dense")
+    _common(p)
     p = sub.add_parser("run", help="every stage in order, skipping finished work")
     _common(p)
     p.add_argument("--until", choices=RUN_ORDER, default="ensemble", help="last stage to run")
@@ -164,6 +173,46 @@ def cmd_train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from training.main import train_experts
 
     train_experts(cfg, args.expert, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def cmd_ssl(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Self-supervised training in this process; ``--launcher torchrun|slurm`` for DDP."""
+    kind = args.launcher or cfg.launcher.kind
+    if kind == "slurm":
+        from training.ssl.main import submit_ssl
+
+        submit_ssl(cfg, resume=args.resume)
+        return 0
+    if kind == "torchrun":
+        import subprocess
+
+        cmd = [str(Path(sys.executable).with_name("torchrun")), f"--nproc_per_node={cfg.launcher.nproc_per_node}",
+               "-m", "training.ssl.main", "--config", args.config, "--resume", args.resume]
+        cmd += [x for item in args.overrides for x in ("--set", item)]
+        print("launching: " + " ".join(cmd))
+        return subprocess.call(cmd)
+    from training.ssl.main import train_ssl
+
+    train_ssl(cfg, resume=args.resume, progress=not args.quiet, stop_at_step=args.stop_at_step)
+    return 0
+
+
+def cmd_linear_eval(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Linear evaluation; prints one line per model and task."""
+    from training.ssl.linear import run_linear_eval
+
+    for row in run_linear_eval(cfg, args.runs):
+        print(f"{row['model']:<14} {row['task']:<10} top1 {row['top1']:6.2f}  top5 {row['top5']:6.2f}")
+    return 0
+
+
+def cmd_linear_probe(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """MoDE Table 9: linear probe of the experts' concatenated image features vs the dense model."""
+    from ensemble.linear_probe import run_linear_probe
+
+    for row in run_linear_probe(cfg, progress=not args.quiet):
+        print(f"{row['model']:<16} {row['task']:<10} top1 {row['top1']:6.2f}  top5 {row['top5']:6.2f}")
     return 0
 
 
@@ -268,6 +317,9 @@ COMMANDS = {
     "add-experts": cmd_add_experts,
     "demo-data": cmd_demo_data,
     "train": cmd_train,
+    "ssl": cmd_ssl,
+    "linear-eval": cmd_linear_eval,
+    "linear-probe": cmd_linear_probe,
     "run": cmd_run,
     "status": cmd_status,
     "shard": cmd_shard,

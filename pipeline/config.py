@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from training.losses.config import LossConfig
+from training.ssl.config import LinearEvalConfig, SSLConfig
 
 
 class ConfigError(ValueError):
@@ -490,6 +491,8 @@ class PipelineConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    linear_eval: LinearEvalConfig = field(default_factory=LinearEvalConfig)
 
     def __post_init__(self) -> None:
         if self.loss.distill_weight > 0 and not self.train.teacher:

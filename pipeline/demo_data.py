@@ -40,7 +40,12 @@ MNIST_HELDOUT_PER_CLASS = 100
 _MNIST_SPLIT_SEED = 20240422
 _JPEG_QUALITY = 90
 _TAR_MTIME = 1704067200  # 2024-01-01T00:00:00Z, fixed so tars are byte-identical
-_PLAN, _TRAIN, _EVAL, _RETRIEVAL_PLAN, _RETRIEVAL = range(5)  # RNG stream ids
+_PLAN, _TRAIN, _EVAL, _RETRIEVAL_PLAN, _RETRIEVAL, _TRAIN_SPLIT = range(6)  # RNG stream ids
+TRAIN_SPLIT_FACTOR = 5
+"""Each classification task also gets ``eval/<task>/train/`` with this many times ``eval_per_class``
+labelled images per class (drawn like training images: MNIST digits from the training rows), for
+linear evaluation / linear probes. Its own ``task.json`` lists its shards, so the test split's files
+and the zero-shot readers are unchanged."""
 
 _COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
@@ -593,13 +598,14 @@ def _shard_jobs(
     items: Sequence[int | None],
     rng_key: tuple[int, ...],
     p: dict[str, Any],
+    prefix: str = "test",
 ) -> list[_Job]:
-    """Split one evaluation task into ``test-%06d.tar`` shards of ``pairs_per_shard``."""
+    """Split one evaluation task into ``<prefix>-%06d.tar`` shards of ``pairs_per_shard``."""
     task_dir.mkdir(parents=True, exist_ok=True)
     return [
         _Job(
             kind=kind,
-            path=str(task_dir / f"test-{k:06d}.tar"),
+            path=str(task_dir / f"{prefix}-{k:06d}.tar"),
             keys=tuple(f"{task_dir.name}_{i:06d}" for i in span),
             domains=tuple(domains[i] for i in span),
             items=tuple(items[i] for i in span),
@@ -641,6 +647,46 @@ def _eval_jobs(out_root: Path, p: dict[str, Any]) -> dict[str, list[_Job]]:
             out_root / "eval" / "retrieval", "retrieval", order, items, (p["seed"], _RETRIEVAL), p
         )
     return tasks
+
+
+def _train_split_items(domain: str, per_class: int, seed: int) -> list[int]:
+    if domain != "digits":
+        return _eval_items(domain, per_class)
+    train_rows = _mnist_split()[0]
+    labels = _mnist()[1][train_rows]
+    rng = np.random.default_rng([seed, _TRAIN_SPLIT, 0])
+    return _interleave(
+        [rng.choice(train_rows[labels == c], size=per_class, replace=False) for c in range(10)]
+    )
+
+
+def _train_split_jobs(out_root: Path, p: dict[str, Any]) -> dict[str, list[_Job]]:
+    """``eval/<domain>/train/train-%06d.tar``: the labelled train split of each classification task."""
+    tasks: dict[str, list[_Job]] = {}
+    per_class = TRAIN_SPLIT_FACTOR * p["eval_per_class"]
+    for domain in p["domains"]:
+        items = _train_split_items(domain, per_class, p["seed"])
+        rng_key = (p["seed"], _TRAIN_SPLIT, ALL_DOMAINS.index(domain))
+        tasks[domain] = _shard_jobs(
+            out_root / "eval" / domain / "train", "classification", [domain] * len(items), items, rng_key, p,
+            prefix="train",
+        )
+    return tasks
+
+
+def _write_train_splits(out_root: Path, p: dict[str, Any], workers: int, progress: bool) -> dict[str, Any]:
+    """Render the train splits and write their ``task.json``; returns ``{task: info}``."""
+    tasks = _train_split_jobs(out_root, p)
+    _execute([job for jobs in tasks.values() for job in jobs], workers, progress)
+    infos = {}
+    for task, jobs in tasks.items():
+        infos[task] = {**_task_json(task, p, jobs), "split": "train"}
+        write_json(out_root / "eval" / task / "train" / "task.json", infos[task])
+    return {task: {"dir": f"eval/{task}/train", **info} for task, info in infos.items()}
+
+
+def _has_train_splits(out_root: Path, p: dict[str, Any]) -> bool:
+    return all((out_root / "eval" / d / "train" / "task.json").is_file() for d in p["domains"])
 
 
 # --------------------------------------------------------------------------- driver
@@ -797,6 +843,9 @@ def generate_demo_data(
     manifest = out_root / MANIFEST_NAME
     previous = _existing(manifest, params)
     if previous is not None:
+        if not _has_train_splits(out_root, params):  # data generated before the train splits existed
+            previous["eval_train"] = _write_train_splits(out_root, params, workers, progress)
+            write_json(manifest, previous)
         return previous
     train = _train_jobs(out_root, params)
     tasks = _eval_jobs(out_root, params)
@@ -805,6 +854,7 @@ def generate_demo_data(
     summary = _summary(
         params, len(train), sum(counts[: len(train)], Counter()), _write_tasks(out_root, params, tasks)
     )
+    summary["eval_train"] = _write_train_splits(out_root, params, workers, progress)
     write_text(out_root / "train" / "shards.txt", summary["train"]["shards"] + "\n")
     write_json(manifest, summary)
     return summary

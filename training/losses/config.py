@@ -88,6 +88,10 @@ class LossConfig:
     """Epoch from which negatives above lambda are removed (>= glofnd_start_update)."""
     glofnd_reset_lda: bool = False
     """When resuming, restart lambda from 1 (``reset_thresholds``) instead of the checkpoint."""
+    glofnd_init_quantile: bool = False
+    """GloFND's ``init_quantile``: an anchor's first update sets lambda to the (1 - alpha) quantile of
+    its negatives in the batch instead of one Adam step from 1 (the filter then acts from the first
+    visit; without it lambda moves about ``glofnd_lr_lda`` per visit, i.e. per epoch)."""
     distill_weight: float = 0.0
     """w in (1 - w) * contrastive + w * feature distillation, in [0, 1]; 0 disables the teacher."""
     distill_mode: Literal["feature"] = "feature"

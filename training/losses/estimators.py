@@ -88,3 +88,19 @@ def per_sample_adam(
     denom = v_hat.sqrt() if use_sqrt else v_hat
     param = (param - lr * m_hat / (denom + eps)).clamp(min=bounds[0], max=bounds[1])
     return param, m, v
+
+
+STAT_QUANTILES = (0.1, 0.5, 0.9)
+
+
+def u_statistics(values: torch.Tensor, prefix: str = "u") -> dict[str, torch.Tensor]:
+    """``<prefix>_mean`` and the 10/50/90 % quantiles ``<prefix>_q10`` ... of a vector (detached).
+
+    The losses log these for their per-sample state (u, GloFND's lambda) in metrics.jsonl.
+    """
+    values = values.detach().float()
+    levels = torch.tensor(STAT_QUANTILES, dtype=values.dtype, device=values.device)
+    out = {f"{prefix}_mean": values.mean()}
+    for level, value in zip(STAT_QUANTILES, torch.quantile(values, levels), strict=True):
+        out[f"{prefix}_q{round(level * 100)}"] = value
+    return out

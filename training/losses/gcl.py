@@ -30,7 +30,7 @@ import torch
 from training.losses.base import ContrastiveLoss
 from training.losses.config import LossConfig
 from training.losses.dist_utils import all_gather_columns, all_gather_no_grad
-from training.losses.estimators import masked_mean_exp, moving_average
+from training.losses.estimators import masked_mean_exp, moving_average, u_statistics
 from training.losses.glofnd import LAMBDA_INIT, GloFNDThreshold
 from training.losses.schedules import gamma_at_epoch
 from training.losses.tables import SampleTables
@@ -160,7 +160,11 @@ class GlobalContrastiveLoss(GCLBase):
         self.glofnd = None
         if cfg.glofnd == "glofnd":
             self.glofnd = GloFNDThreshold(
-                cfg.glofnd_alpha, cfg.glofnd_lr_lda, cfg.glofnd_start_update, cfg.glofnd_start_lda
+                cfg.glofnd_alpha,
+                cfg.glofnd_lr_lda,
+                cfg.glofnd_start_update,
+                cfg.glofnd_start_lda,
+                cfg.glofnd_init_quantile,
             )
             for side in SIDES:
                 tables.update({f"lda_{side}": LAMBDA_INIT, f"lda_m_{side}": 0.0, f"lda_v_{side}": 0.0})
@@ -198,7 +202,7 @@ class GlobalContrastiveLoss(GCLBase):
             columns[f"u_{side}"] = moving_average(u_old[side], g[side].detach(), self.gamma)
         shared = self.share(columns, batch, store + ("u_im", "u_tt"))
         loss = self._two_pass_loss(sim, g, columns, shared, keep, batch, scale)
-        return self._terms(loss, scale, columns, keep, batch)
+        return self._terms(loss, scale, columns, shared, keep, batch)
 
     def _thresholds(
         self, sim: dict[str, torch.Tensor], batch: GlobalBatch, pair_ids: torch.Tensor
@@ -271,6 +275,7 @@ class GlobalContrastiveLoss(GCLBase):
         loss: torch.Tensor,
         scale: torch.Tensor,
         columns: dict[str, torch.Tensor],
+        shared: dict[str, torch.Tensor],
         keep: dict[str, torch.Tensor],
         batch: GlobalBatch,
     ) -> dict[str, torch.Tensor]:
@@ -280,15 +285,22 @@ class GlobalContrastiveLoss(GCLBase):
             "contrastive_loss": loss,
             "tau": tau,
             "gamma": torch.tensor(self.gamma),
-            "u_mean": u.mean(),
             "gcl_estimate": tau * torch.log(u + self.cfg.eps).mean() * 2.0,
         }
+        # Statistics of the gathered (global-batch) state: identical on every rank.
+        terms.update(u_statistics(torch.cat([shared["u_im"], shared["u_tt"]])))
         if self.glofnd is not None:
             kept = (keep["im"].sum() + keep["tt"].sum()).to(u.dtype)
             terms["kept_frac"] = kept / (2.0 * batch.neg.sum())
-            lam = columns.get("lda_im")
-            if lam is not None:
-                terms["lambda_mean"] = 0.5 * (lam.mean() + columns["lda_tt"].mean())
+            terms["neg_removed_frac"] = 1.0 - terms["kept_frac"]
+            # 0: lambda frozen (epoch < glofnd_start_update), 1: lambda learning, 2: mask applied.
+            phase = int(self.glofnd.updates_at(self.epoch)) + int(self.glofnd.masks_at(self.epoch))
+            terms["glofnd_phase"] = torch.tensor(float(phase))
+            if "lda_im" in shared:
+                lam = torch.cat([shared["lda_im"], shared["lda_tt"]])
+                terms.update(u_statistics(lam, "lambda"))
+                # Anchors whose lambda has left its start value 1 (lambda moves once per visit).
+                terms["lambda_moved_frac"] = (lam < LAMBDA_INIT).to(u.dtype).mean()
         return terms
 
     def reset_thresholds(self) -> None:

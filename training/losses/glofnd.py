@@ -33,12 +33,15 @@ class GloFNDThreshold:
         lr: Adam learning rate of lambda (``glofnd_lr_lda``).
         start_update: First epoch in which lambda moves.
         start_lda: First epoch in which the mask is applied.
+        init_quantile: An anchor still at ``LAMBDA_INIT`` takes the (1 - alpha) quantile of its batch
+            negatives instead of an Adam step (GloFND ``init_quantile``).
     """
 
     alpha: float
     lr: float
     start_update: int
     start_lda: int
+    init_quantile: bool = False
 
     def updates_at(self, epoch: int) -> bool:
         """Whether lambda is updated during ``epoch``."""
@@ -70,6 +73,16 @@ class GloFNDThreshold:
         """
         above = ((sim > lam[:, None]) & neg).sum(dim=1).to(sim.dtype)
         grad = self.alpha - above / neg.sum(dim=1).to(sim.dtype)
+        if self.init_quantile:
+            fresh = lam >= LAMBDA_INIT
+            if bool(fresh.any()):
+                level = torch.tensor(1.0 - self.alpha, dtype=sim.dtype, device=sim.device)
+                start = torch.nanquantile(sim.masked_fill(~neg, float("nan")), level, dim=1)
+                stepped = per_sample_adam(
+                    lam, grad, m, v, lr=self.lr, betas=LAMBDA_BETAS, eps=LAMBDA_EPS, step=epoch + 1,
+                    bounds=(-1.0, 1.0),
+                )
+                return torch.where(fresh, start, stepped[0]), stepped[1] * ~fresh, stepped[2] * ~fresh
         return per_sample_adam(
             lam,
             grad,

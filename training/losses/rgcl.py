@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from training.losses.config import LossConfig
-from training.losses.estimators import masked_mean_exp, moving_average, per_sample_adam
+from training.losses.estimators import masked_mean_exp, moving_average, per_sample_adam, u_statistics
 from training.losses.gcl import SIDES, GCLBase, GlobalBatch, compute_dtype
 from training.losses.schedules import STEP_THRESH_RATIO, STEP_THRESH_TAU
 
@@ -92,12 +92,12 @@ class IndividualTemperatureGCL(GCLBase):
         shared = self.share(columns, batch, tuple(f"{n}_{side}" for n in _STATE for side in SIDES))
         loss = self.surrogate(local, self._remote(sim, shared, batch))
         taus = torch.cat([columns["tau_im"], columns["tau_tt"]])
-        u = torch.cat([columns["u_im"], columns["u_tt"]])
         return {
             "contrastive_loss": loss,
             "tau": taus.mean(),
             "gamma": torch.tensor(self.gamma),
-            "u_mean": u.mean(),
+            # u of the gathered batch (the same on every rank); v2 stores u shifted by its bound.
+            **u_statistics(torch.cat([shared["u_im"], shared["u_tt"]])),
         }
 
     def _local_side(
