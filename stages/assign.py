@@ -1,5 +1,10 @@
 """``assign`` stage: nearest fine centre for every pair (MoDE ``prep_inference.py``), exact.
 
+With ``assign.capacity: fit_bounds`` it is capacity-aware instead: within each shard every fine
+cluster's size lies within ``kmeans.balanced_bounds(shard pairs, K, cluster.balance_slack)`` (the
+balanced fit's bounds), so over all shards within the sums of those bounds; MoDE itself assigned
+greedily to the nearest centre at inference, which is the default (``none``).
+
 One output per embed shard, ``<run>/assign/assign/<shard>.parquet`` with columns ``pair_id``
 int64, ``key`` str, ``fine`` int32, ``coarse`` int16 (via the fine→coarse map) and ``dist``
 float32 (L2 distance between the normalised feature and its fine centre for ``euclidean``,
@@ -43,8 +48,11 @@ UPSTREAM = ("prep", "embed", "cluster")
 
 
 def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    """Assignment depends on its own backend settings only through the centres (exact search)."""
-    return {"metric": cfg.cluster.metric, "num_fine": cfg.cluster.num_fine, "num_experts": cfg.cluster.num_experts}
+    """Nearest assignment is exact, so the backend is not hashed; a capacity-aware one is."""
+    out = {"metric": cfg.cluster.metric, "num_fine": cfg.cluster.num_fine, "num_experts": cfg.cluster.num_experts}
+    if cfg.assign.capacity != "none":
+        out.update(capacity=cfg.assign.capacity, balance_slack=cfg.cluster.balance_slack)
+    return out
 
 
 def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
@@ -77,7 +85,12 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
     if captions.num_rows != feats.shape[0]:
         raise ValueError(f"{shard.name}: {feats.shape[0]} feature rows but {captions.num_rows} captions")
     device = resolve_device(cfg.assign.device)
-    if len(feats):
+    if len(feats) and cfg.assign.capacity == "fit_bounds":
+        ids, dist = kmeans.assign_capacity(
+            feats, fine, metric=cfg.cluster.metric, balance_slack=cfg.cluster.balance_slack,
+            chunk_size=cfg.assign.chunk_size, device=device,
+        )
+    elif len(feats):
         ids, dist = kmeans.assign_nearest(
             feats, fine, metric=cfg.cluster.metric, chunk_size=cfg.assign.chunk_size,
             backend=cfg.assign.backend, device=device,

@@ -231,8 +231,8 @@ def assign_nearest(
         metric: ``"euclidean"`` or ``"cosine"`` (largest dot product with normalised centres).
         chunk_size: Rows per distance block.
         backend: ``"torch"`` (chunked matmul), ``"faiss"`` (exact ``IndexFlatL2`` /
-            ``IndexFlatIP``) or ``"auto"`` = torch, which measured 3-4x faster than faiss's flat
-            index on our CPU (benchmarks/bench_cluster.py) and runs on GPU as well.
+            ``IndexFlatIP``) or ``"auto"`` (``auto_backend``: faiss on CPU when installed,
+            torch on a GPU device).
         device: Device for the torch backend; default ``x``'s device.
 
     Returns:
@@ -252,10 +252,63 @@ def assign_nearest(
         raise ValueError(f"x has dim {x.shape[1]} but centers have dim {centers.shape[1]}")
     run_device = torch.device(device) if device is not None else x.device
     if backend == "auto":
-        backend = "torch"
+        backend = auto_backend(run_device)
     if backend == "faiss":
         return _assign_faiss(x, centers, metric, chunk_size)
     return _assign_torch(x, centers, metric, chunk_size, run_device)
+
+
+def auto_backend(device: str | torch.device) -> str:
+    """What ``backend="auto"`` means on ``device``: ``"faiss"`` on CPU, ``"torch"`` elsewhere.
+
+    Not a fixed speed claim: on CPU, paired runs of bare faiss ``IndexFlatL2.search`` against
+    the torch matmul path ranged from 0.7x to 1.3x of each other across machines and loads
+    (benchmarks/bench_cluster.py prints the ratio on the machine it runs on), and faiss is the
+    reference CPU search, so CPU uses it whenever it is installed; on a GPU the torch matmul
+    runs where the data is (faiss-cpu cannot) and the GPU faiss build is optional.
+    """
+    if torch.device(device).type == "cpu" and faiss is not None:
+        return "faiss"
+    return "torch"
+
+
+def assign_capacity(
+    x: torch.Tensor,
+    centers: torch.Tensor,
+    *,
+    metric: str = "euclidean",
+    balance_slack: float = 0.1,
+    chunk_size: int = 65536,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Capacity-aware assignment: the fit's balanced greedy applied to ``x`` as one block.
+
+    Every cluster size lies within ``balanced_bounds(len(x), K, balance_slack)``, the bounds the
+    balanced fit kept, and each row gets exactly one cluster. Applied shard by shard (as the
+    assign stage does), sizes lie within the sums of the per-shard bounds. Costs about 1.5-3x a
+    nearest search (8 candidates per row plus greedy rounds) and moves the points it must to
+    their 2nd, 3rd... nearest centre.
+
+    Returns:
+        ``(ids, distances)`` as ``assign_nearest``: int64 ids, float32 L2 distance (euclidean)
+        or ``1 - cos`` (cosine), on CPU.
+    """
+    _check_choice("metric", metric, METRICS)
+    _check_positive("chunk_size", chunk_size)
+    _check_matrix("x", x)
+    _check_matrix("centers", centers)
+    if x.shape[1] != centers.shape[1]:
+        raise ValueError(f"x has dim {x.shape[1]} but centers have dim {centers.shape[1]}")
+    if balance_slack < 0:
+        raise ValueError(f"balance_slack={balance_slack} must be >= 0")
+    run_device = torch.device(device) if device is not None else x.device
+    setup = _Setup(metric, run_device, chunk_size, True, balance_slack)
+    prepared = _prepare(centers, metric, run_device)
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    labels, sq = _BalancedBlock(x, prepared, setup).solve()
+    dist = sq / 2 if metric == "cosine" else sq.sqrt()
+    return labels.cpu(), dist.cpu()
 
 
 def fit_faiss_kmeans(
