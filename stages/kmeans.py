@@ -757,6 +757,8 @@ def _block_candidates(
     closed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     parts = [_candidates(xc, centers, bias, num, closed) for _, xc in _subchunks(block, setup)]
+    if len(parts) == 1:  # one chunk: no copy
+        return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -789,9 +791,12 @@ class _BalancedBlock:
         ids, sq = _block_candidates(self.block, self.centers, self.c_sq, min(k, _NUM_CANDIDATES), self.setup)
         low, high = balanced_bounds(n, k, self.setup.balance_slack)
         pending = torch.arange(n, device=ids.device)
-        for room_size in (low, high - low):
+        for phase, room_size in enumerate((low, high - low)):
             room = torch.full((k,), room_size, dtype=torch.int64, device=ids.device)
-            pending = self._fill(ids[pending], sq[pending], pending, room)
+            if phase == 0:  # every row is pending: no gather
+                pending = self._fill(ids, sq, pending, room)
+            else:
+                pending = self._fill(ids[pending], sq[pending], pending, room)
         return self.labels, self.label_sq.clamp_(min=0)
 
     def _fill(
