@@ -80,7 +80,8 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
         raise UnreadableFileError(
             f"assign: {shard.inputs['features']} has {feats.shape[1]} columns, the centres {fine.shape[1]}"
         )
-    feats = torch.nn.functional.normalize(feats, dim=1)
+    # In place (what F.normalize computes, without a second [N, D] copy).
+    feats.div_(torch.linalg.vector_norm(feats, dim=1, keepdim=True).clamp_min_(1e-12))
     captions = read_parquet(cfg.run_dir / "prep" / "captions" / f"{shard.name}.parquet", "assign", ["pair_id", "key"])
     if captions.num_rows != feats.shape[0]:
         raise ValueError(f"{shard.name}: {feats.shape[0]} feature rows but {captions.num_rows} captions")
