@@ -75,13 +75,15 @@ def output_path(stage_dir: Path, shard: str) -> Path:
 def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
     """Assign one shard's pairs to their nearest fine centre."""
     fine, _, fine_to_coarse, _ = load_centers(cfg)
-    feats = torch.from_numpy(load_npy(shard.inputs["features"], "assign", ndim=2).astype(np.float32))
-    if feats.shape[1] != fine.shape[1]:
+    array = load_npy(shard.inputs["features"], "assign", ndim=2).astype(np.float32)
+    if array.shape[1] != fine.shape[1]:
         raise UnreadableFileError(
-            f"assign: {shard.inputs['features']} has {feats.shape[1]} columns, the centres {fine.shape[1]}"
+            f"assign: {shard.inputs['features']} has {array.shape[1]} columns, the centres {fine.shape[1]}"
         )
-    # In place (what F.normalize computes, without a second [N, D] copy).
-    feats.div_(torch.linalg.vector_norm(feats, dim=1, keepdim=True).clamp_min_(1e-12))
+    # L2-normalised in place with numpy (what F.normalize computes, without a second [N, D] copy;
+    # single-threaded element-wise work does not wait on descheduled threads of a busy CPU).
+    array /= np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+    feats = torch.from_numpy(array)
     captions = read_parquet(cfg.run_dir / "prep" / "captions" / f"{shard.name}.parquet", "assign", ["pair_id", "key"])
     if captions.num_rows != feats.shape[0]:
         raise ValueError(f"{shard.name}: {feats.shape[0]} feature rows but {captions.num_rows} captions")

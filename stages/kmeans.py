@@ -909,7 +909,8 @@ def _assign_faiss(
     ids, dists = [], []
     for start in range(0, x.shape[0], chunk_size):
         scores, idx = index.search(_to_numpy(_prepare(x[start : start + chunk_size], metric, cpu)), 1)
-        scores = torch.from_numpy(scores[:, 0])
-        dists.append(1.0 - scores if metric == "cosine" else scores.clamp_min(0).sqrt())
+        scores = scores[:, 0]
+        # numpy: single-threaded element-wise ops, no OpenMP hand-off for a vector this small.
+        dists.append(torch.from_numpy(1.0 - scores if metric == "cosine" else np.sqrt(np.maximum(scores, 0))))
         ids.append(torch.from_numpy(idx[:, 0].astype(np.int64)))
     return torch.cat(ids), torch.cat(dists)
