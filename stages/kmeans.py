@@ -802,25 +802,34 @@ class _BalancedBlock:
     def _fill(
         self, ids: torch.Tensor, sq: torch.Tensor, pending: torch.Tensor, room: torch.Tensor
     ) -> torch.Tensor:
-        """Places ``pending`` rows (with their candidates) into ``room``; returns the rest."""
-        while pending.numel() and room.any():
-            with _one_cpu_thread():
+        """Places ``pending`` rows (with their candidates) into ``room``; returns the rest.
+
+        The bookkeeping (many small gathers, masks and scatters) runs on one CPU thread; only the
+        candidate searches get the caller's threads back (see ``_one_cpu_thread``).
+        """
+        threads = torch.get_num_threads()
+        with _one_cpu_thread():
+            while pending.numel() and room.any():
                 got, slot = _greedy_rounds(ids, sq, room)
-            placed = got >= 0
-            self.labels[pending[placed]] = got[placed]
-            self.label_sq[pending[placed]] = sq[placed].gather(1, slot[placed, None])[:, 0]
-            pending = pending[~placed]
-            if pending.numel() and room.any():
-                # Every candidate of these rows filled up: look again among clusters with room.
-                # Only the open clusters are scored: late in a phase few remain, so this costs a
-                # fraction of a full pass, and more candidates per row cut the rounds left.
-                open_ids = (room > 0).nonzero()[:, 0]
-                num = min(2 * _NUM_CANDIDATES, open_ids.numel())
-                rows = self.block[pending.to(self.block.device)]
-                ids, sq = _block_candidates(
-                    rows, self.centers[open_ids], self.c_sq[open_ids], num, self.setup
-                )
-                ids = open_ids[ids]
+                placed = got >= 0
+                self.labels[pending[placed]] = got[placed]
+                self.label_sq[pending[placed]] = sq[placed].gather(1, slot[placed, None])[:, 0]
+                pending = pending[~placed]
+                if pending.numel() and room.any():
+                    # Every candidate of these rows filled up: look again among clusters with room.
+                    # Only the open clusters are scored: late in a phase few remain, so this costs
+                    # a fraction of a full pass, and more candidates per row cut the rounds left.
+                    open_ids = (room > 0).nonzero()[:, 0]
+                    num = min(2 * _NUM_CANDIDATES, open_ids.numel())
+                    rows = self.block[pending.to(self.block.device)]
+                    torch.set_num_threads(threads)
+                    try:
+                        ids, sq = _block_candidates(
+                            rows, self.centers[open_ids], self.c_sq[open_ids], num, self.setup
+                        )
+                    finally:
+                        torch.set_num_threads(1)
+                    ids = open_ids[ids]
         return pending
 
 
