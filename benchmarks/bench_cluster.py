@@ -218,8 +218,9 @@ def bench_assign_stage(x: torch.Tensor, k: int, shards: int, repeats: int) -> di
         out["stage_vs_bare_search_only"] = {
             "repeats": repeats, "speed_ratio_median": float(np.median(ratios)),
             "speed_ratio_min": ratios[0], "speed_ratio_max": ratios[-1],
-            "stage_pairs_per_s": pairs / float(np.median(stage_run.ours)),
-            "bare_search_pairs_per_s": pairs / float(np.median(search_only)),
+            "unit": "point-centre pairs/s",
+            "ours_rate_median": pairs / float(np.median(stage_run.ours)),
+            "peer_rate_median": pairs / float(np.median(search_only)),
             "note": "search timed apart from the stage runs; only the stage includes I/O",
         }
         return out

@@ -41,7 +41,7 @@ GPU_NOTE = """
 No GPU figures yet: the GPU path (tests marked `gpu`, bf16 ViT-B/32 training vs
 `open_clip_train` with MFU, NCCL DDP 2 processes on one GPU vs 1, the balanced fit at
 1M×768 → 1024 on GPU vs faiss/torch k-means, embed on GPU) is scripted in
-`benchmarks/gpu_check.sh` (`make bench-gpu`) and has not run. Its results land here once it does.
+`benchmarks/gpu_check.py` (`make bench-gpu`; `QUICK=1` for a short device session) and has not run. Its results land here once it does.
 """
 
 
