@@ -169,9 +169,20 @@ def main() -> int:
         }
     for pair, g in growth.items():
         print(f"growth exponent {pair}: {g}")
+    # wall = a + b * N per stage (least squares): a is the fixed start-up (imports, model load),
+    # b the per-pair cost that an extrapolation multiplies.
+    linear = {}
+    for stage in STAGES:
+        xs = [float(n) for n in sizes]
+        ys = [results[str(n)][stage]["wall_s"] for n in sizes]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+        linear[stage] = {"startup_s": my - b * mx, "s_per_1M_pairs": b * 1e6}
+        print(f"{stage:<8} wall ~ {my - b * mx:.1f} s + {b * 1e6:.0f} s per 1M pairs")
     cmd = (f"python benchmarks/bench_scale.py --sizes {args.sizes} --k {args.k} --iters {args.iters} "
            f"--cluster-sample {args.cluster_sample}")
-    record("scale", {"sizes": results, "growth": growth, "generate_s": gen_s, "config": vars(args)}, cmd)
+    record("scale", {"sizes": results, "growth": growth, "linear_fit": linear, "generate_s": gen_s, "config": vars(args)}, cmd)
     return 0
 
 

@@ -140,6 +140,11 @@ def render_record(rec: dict[str, Any]) -> list[str]:
                 )
         if "growth" in rec:
             lines += ["", f"Growth exponents (log wall / log N between the sizes): {rec['growth']}", ""]
+        if "linear_fit" in rec:
+            lines += ["| stage | fixed start-up s | s per 1M pairs (slope) |", "|---|---|---|"]
+            for stage, fit in rec["linear_fit"].items():
+                lines.append(f"| {stage} | {fit['startup_s']:.1f} | {fit['s_per_1M_pairs']:.0f} |")
+            lines.append("")
     return lines
 
 
