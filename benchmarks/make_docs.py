@@ -45,6 +45,16 @@ No GPU figures yet: the GPU path (tests marked `gpu`, bf16 ViT-B/32 training vs
 """
 
 
+DEFAULT_COMMANDS = {
+    "cluster": "python benchmarks/bench_cluster.py",
+    "prep": "python benchmarks/bench_prep.py",
+    "embed": "python benchmarks/bench_embed.py --repeats 5",
+    "train": "python benchmarks/bench_train.py --repeats 5 --threads 1,2 --precision fp32 "
+    "(and --precision amp_bf16; --model mode-tiny-rn / mode-tiny-vit)",
+    "scale": "python benchmarks/bench_scale.py --sizes 250000,500000,1000000 --k 1024",
+}
+
+
 def load(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -103,10 +113,11 @@ def render_record(rec: dict[str, Any]) -> list[str]:
         + (f", {host['gpu']}" if host.get("gpu") else "")
         + f", load {host.get('load_avg_1m', '?')}",
         "",
-        "| figure | ours ÷ peer (median, min–max, n) | ours | peer |",
-        "|---|---|---|---|",
     ]
-    for path, s in paired_rows(rec):
+    rows = paired_rows(rec)
+    if rows:
+        lines += ["| figure | ours ÷ peer (median, min–max, n) | ours | peer |", "|---|---|---|---|"]
+    for path, s in rows:
         unit = s.get("unit", "")
         ours = _rate(s.get("ours_rate_median")) or f"{s.get('ours_s_median', 0):.3g} s"
         peer = _rate(s.get("peer_rate_median")) or f"{s.get('peer_s_median', 0):.3g} s"
@@ -129,6 +140,9 @@ def render_record(rec: dict[str, Any]) -> list[str]:
         lines.append("")
     if rec.get("bench") == "scale" and "sizes" in rec:
         lines += [
+            "Unpaired absolute times: on a shared machine they follow the load (see docs/cluster.md for",
+            "what can and cannot be read from them); peak RSS is per stage process.",
+            "",
             "| N | stage | wall s | peak RSS MiB | s per 100k |",
             "|---|---|---|---|---|",
         ]
@@ -165,6 +179,12 @@ def render(rows: list[dict[str, Any]]) -> str:
         out.append(f"\n## {titles.get(name, name)}\n")
         for rec in grouped[name]:
             out += render_record(rec)
+    missing = [n for n in ("cluster", "prep", "embed", "train", "scale") if n not in grouped]
+    if missing:
+        out.append("\n## Not measured under these rules yet\n")
+        for name in missing:
+            out.append(f"- {titles[name]}: `{DEFAULT_COMMANDS[name]}`")
+        out.append("")
     if "gpu" not in grouped:
         out.append(GPU_NOTE)
     return "\n".join(out).rstrip() + "\n"
