@@ -27,7 +27,9 @@ benchmarks themselves; `make bench` runs them all). Do not edit by hand.
 or the same session, one untimed warm-up of each, then at least 5 rounds that alternate which
 side runs first, with equal thread counts (torch, faiss, `OMP_NUM_THREADS`). A figure is the
 **median per-round speed ratio, ours ÷ peer** (> 1 means ours is faster), with the min–max over
-the rounds and their number `n`. Never a best-of. Speed is never asserted in tests.
+the rounds and their number `n`. Never a best-of. Speed is never asserted in tests. The `ours`
+and `peer` columns are each side's median rate over the rounds on its own; when the load swings
+during a run they need not agree with the median of the per-round ratios (trust the ratio).
 
 **Caveat**: unless a row says otherwise these were measured on a shared 2-core x86 CPU whose load
 average was 10–12 (several engineers' jobs at once): absolute times are meaningless and even the
