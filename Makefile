@@ -107,9 +107,19 @@ shard: $(STAMP)  ## convert IN=<csv|folder> into webdataset tars in OUT=<dir> (M
 
 bench: $(STAMP)  ## benchmarks (speed figures; not tests)
 	$(PY) benchmarks/run_all.py --config $(CONFIG)
+	$(PY) benchmarks/make_docs.py
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
 
 clean-demo:  ## remove the demo data and run
 	rm -rf data/demo runs/demo runs/demo_ablation
+
+.PHONY: bench-gpu bench-docs
+bench-gpu: $(STAMP)  ## GPU checks: tests marked gpu, then benchmarks/gpu_check.py (QUICK=1: smaller), docs
+	$(PY) -m pytest -q -m gpu tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PY) benchmarks/gpu_check.py $(if $(QUICK),--quick)
+	$(PY) benchmarks/make_docs.py
+
+bench-docs: $(STAMP)  ## regenerate docs/benchmarks.md from benchmarks/results.jsonl
+	$(PY) benchmarks/make_docs.py

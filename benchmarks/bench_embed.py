@@ -3,10 +3,11 @@
 The stage figure includes everything ``run_stage(cfg, "embed", workers=1)`` does: planning, reading
 the caption Parquet, tokenizing, length-sorted encoding, writing the ``.npy`` files, records and the
 manifest. The bare figure is ``model.encode(captions, batch_size=...)`` under the same autocast.
-The model is loaded (and warmed up) once before timing, for both. Runs alternate bare/stage so load
-drift on a shared machine hits both alike; the best of ``--repeats`` is reported.
+The model is loaded once; then, per precision, ``benchmarks/paired.py`` runs one full warm-up of
+each side and ``--repeats`` (>= 5) paired rounds alternating which side runs first, on the same
+threads; the figure is the median per-round ratio stage ÷ bare with its min–max (never a best-of).
 
-    python benchmarks/bench_embed.py [--captions 8192] [--precisions fp32,bf16] [--repeats 3]
+    python benchmarks/bench_embed.py [--captions 8192] [--precisions fp32,bf16] [--repeats 5]
 
 Prints a table, then one JSON line.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import shutil
 import sys
@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
+from paired import fmt, paired, record, set_threads  # noqa: E402
 
 from pipeline import artifacts  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -120,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default), same for both")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
+    threads = set_threads(args.threads)
     device = text_encoder.resolve_device(args.device)
     captions = make_captions(args.captions)
     encoder = text_encoder.load_text_model("all-MiniLM-L6-v2", device=device)
@@ -133,30 +137,32 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         write_prep(root / "bench", captions, args.shards)
         for precision in args.precisions.split(","):
-            time_bare(model, captions[:128], precision, args.batch_size, device)  # warm-up
-            encoder.encode(captions[:128], batch_size=args.batch_size, precision=precision)
-            bare, stage, bare_cpu, stage_cpu = [], [], [], []
-            for _ in range(args.repeats):
-                seconds, cpu, ref = time_bare(model, captions, precision, args.batch_size, device)
-                bare.append(seconds)
-                bare_cpu.append(cpu)
-                seconds, cpu, feats = time_stage(root, precision, args.batch_size, str(device))
-                stage.append(seconds)
-                stage_cpu.append(cpu)
-            n = len(captions)
+            cpu: dict[str, list[float]] = {"bare": [], "stage": []}
+            outs: dict[str, np.ndarray] = {}
+
+            def bare(precision=precision, cpu=cpu, outs=outs):
+                _, c, outs["bare"] = time_bare(model, captions, precision, args.batch_size, device)
+                cpu["bare"].append(c)
+
+            def stage(precision=precision, cpu=cpu, outs=outs):
+                _, c, outs["stage"] = time_stage(root, precision, args.batch_size, str(device))
+                cpu["stage"].append(c)
+
+            run = paired(stage, bare, args.repeats)
+            summary = run.summary(len(captions), "captions/s")
+            cpu_ratios = [b / s for b, s in zip(cpu["bare"][1:], cpu["stage"][1:], strict=True)]
             rows.append(
                 {
                     "precision": precision,
-                    "bare_cps": round(n / min(bare), 1),
-                    "stage_cps": round(n / min(stage), 1),
-                    "ratio": round(min(bare) / min(stage), 3),
+                    "stage_vs_bare": summary,
+                    "bare_cps": round(summary["peer_rate_median"], 1),
+                    "stage_cps": round(summary["ours_rate_median"], 1),
+                    "ratio": round(summary["speed_ratio_median"], 3),
                     # CPU seconds of this process: steadier than wall time when others share the cores.
-                    "ratio_cpu_time": round(min(bare_cpu) / min(stage_cpu), 3),
-                    "bare_s": [round(s, 2) for s in bare],
-                    "stage_s": [round(s, 2) for s in stage],
-                    "bare_cpu_s": [round(s, 2) for s in bare_cpu],
-                    "stage_cpu_s": [round(s, 2) for s in stage_cpu],
-                    "min_cos": round(float(np.min(np.sum(feats * ref, axis=1))), 5),
+                    "ratio_cpu_time": round(float(np.median(cpu_ratios)), 3),
+                    "bare_s": [round(x, 2) for x in run.peer],
+                    "stage_s": [round(x, 2) for x in run.ours],
+                    "min_cos": round(float(np.min(np.sum(outs["stage"] * outs["bare"], axis=1))), 5),
                 }
             )
     print(
@@ -171,17 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['ratio_cpu_time']:>12}{r['min_cos']:>9}"
         )
     native = text_encoder.cpu_has_native_bf16() if device.type == "cpu" else None
-    print(
-        json.dumps(
-            {
-                "bench": "embed",
-                "device": str(device),
-                "cpu_native_bf16": native,
-                "captions": len(captions),
-                "batch_size": args.batch_size,
-                "results": rows,
-            }
-        )
+    for r in rows:
+        print(f"{r['precision']}: stage / bare {fmt(r['stage_vs_bare'])}")
+    record(
+        "embed",
+        {"device": str(device), "threads": threads, "cpu_native_bf16": native, "captions": len(captions),
+         "batch_size": args.batch_size, "results": rows},
+        f"python benchmarks/bench_embed.py --captions {args.captions} --precisions {args.precisions} "
+        f"--repeats {args.repeats} --device {args.device}",
     )
     return 0
 

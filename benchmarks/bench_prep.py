@@ -1,27 +1,32 @@
 """prep throughput (pairs/s, one worker) against a bare `tarfile` read of the same shards.
 
-    python benchmarks/bench_prep.py [--shards 10 --pairs 1000 --repeats 3]
+    python benchmarks/bench_prep.py [--shards 10 --pairs 1000 --repeats 5]
+    python benchmarks/bench_prep.py --tars 'data/demo/train/*.tar'      # existing shards (the demo's)
 
-Both sides read every member of every shard from the page cache (one warm-up pass first); the
-bare read only iterates members and reads their bytes, prep also groups pairs, picks a caption,
-checks the image header and writes Parquet. Prints a table and a final JSON line.
+Both sides read every member of every shard from the page cache; the bare read only iterates
+members and reads their bytes, prep also groups pairs, picks a caption, checks the image header
+and writes Parquet. Paired (``benchmarks/paired.py``): a warm-up of each side, then ``--repeats``
+rounds alternating which side runs first; the median per-round speed ratio prep ÷ bare with its
+min–max. Prints a table and a final JSON line (appended to ``benchmarks/results.jsonl``).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
-import statistics
+import shutil
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from paired import fmt, paired, record, set_threads  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
@@ -61,31 +66,45 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=10)
     ap.add_argument("--pairs", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tars", default="", help="glob of existing shards instead of synthetic ones")
+    ap.add_argument("--threads", type=int, default=1, help="torch/OMP threads for both sides")
     args = ap.parse_args()
+    set_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "data"
-        make_shards(root, args.shards, args.pairs)
+        if args.tars:
+            paths = sorted(Path(p).resolve() for p in glob.glob(args.tars))
+            if not paths:
+                raise SystemExit(f"no shard matches {args.tars}")
+            root = Path(tmp) / "data"
+            for i, p in enumerate(paths):  # prep's data.train takes a brace pattern: link 0..n-1
+                root.mkdir(exist_ok=True)
+                (root / f"{i}.tar").symlink_to(p)
+            kind = f"shards {args.tars}"
+        else:
+            root = Path(tmp) / "data"
+            make_shards(root, args.shards, args.pairs)
+            kind = "synthetic"
         paths = sorted(root.rglob("*.tar"))
-        n_pairs = bare_read(paths)  # warm the page cache
-        bare, ours = [], []
-        for r in range(args.repeats):
-            t0 = time.perf_counter()
-            bare_read(paths)
-            bare.append(time.perf_counter() - t0)
-            cfg = load_config(
-                None,
-                [f"run.root={tmp}/runs{r}", f"data.train={root}/{{0..{args.shards - 1}}}.tar", "run.workers=1"],
-            )
-            t0 = time.perf_counter()
-            run_stage(cfg, "prep", progress=False)
-            ours.append(time.perf_counter() - t0)
-    b, o = statistics.median(bare), statistics.median(ours)
+        # make_shards puts shard s at root/<s % 100>/<s>.tar, which data.train's layout finds.
+        cfg = load_config(None, [f"run.root={tmp}/runs", f"data.train={root}/{{0..{len(paths) - 1}}}.tar",
+                                 "run.workers=1"])
+        runs = Path(tmp) / "runs"
+        n_pairs = bare_read(paths)
+        result = paired(
+            lambda: run_stage(cfg, "prep", progress=False),
+            lambda: bare_read(paths),
+            args.repeats,
+            between=lambda: shutil.rmtree(runs, ignore_errors=True),
+        )
+    summary = result.summary(n_pairs, "pairs/s")
     print(f"{'method':<22}{'median s':>10}{'pairs/s':>12}")
-    print(f"{'bare tarfile read':<22}{b:>10.3f}{n_pairs / b:>12.0f}")
-    print(f"{'prep (1 worker)':<22}{o:>10.3f}{n_pairs / o:>12.0f}")
-    print(json.dumps({"bench": "prep", "pairs": n_pairs, "bare_pairs_s": n_pairs / b, "prep_pairs_s": n_pairs / o,
-                      "ratio_prep_over_bare": b / o}))
+    print(f"{'bare tarfile read':<22}{summary['peer_s_median']:>10.3f}{summary['peer_rate_median']:>12.0f}")
+    print(f"{'prep (1 worker)':<22}{summary['ours_s_median']:>10.3f}{summary['ours_rate_median']:>12.0f}")
+    print(f"prep / bare: {fmt(summary)}")
+    cmd = f"python benchmarks/bench_prep.py --repeats {args.repeats} --threads {args.threads} " + (
+        f"--tars '{args.tars}'" if args.tars else f"--shards {args.shards} --pairs {args.pairs}")
+    record("prep", {"data": kind, "pairs": n_pairs, "prep_vs_bare_tar": summary}, cmd)
 
 
 if __name__ == "__main__":

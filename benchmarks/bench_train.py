@@ -1,18 +1,21 @@
 """Training throughput (samples/s) of our trainer against ``python -m open_clip_train.main``.
 
     python benchmarks/bench_train.py [--steps 60 --batch-size 64 --workers 2 --precision amp_bf16
-                                      --model mode-tiny-vit --repeats 1 --threads both]
+                                      --model mode-tiny-vit --repeats 5 --threads 1,2]
 
 Both run as separate processes on the same synthetic tars (64 px coloured shapes, ``.txt`` caption,
 ``.json`` and ``.jpg`` per pair), with the same model config (open_clip gets it through
 ``local-dir:`` with an ``open_clip_config.json``), batch size, precision, loader workers, AdamW
-settings, warmup and gradient clipping, on the CPU. Throughput is steady-state: samples over wall
-time of the logged intervals after the first ``--skip`` steps (OpenCLIP: its ``Batch (t)``
-interval averages; ours: ``metrics.jsonl``). Two thread settings are measured: ``default`` (each
-trainer's own choice: ours gives the CPU cores the loader workers leave free, OpenCLIP keeps
-torch's default) and ``omp1`` (``OMP_NUM_THREADS=1`` for both). Repeats alternate the order of the
-two trainers; ratios are paired per repeat (same load window) and the median is reported, since
-a shared machine's load moves these numbers a lot. Prints a table and a final JSON line.
+settings, warmup and gradient clipping, on the CPU. Two figures per run: steady-state samples/s
+(samples over wall time of the logged intervals after the first ``--skip`` steps; OpenCLIP: its
+``Batch (t)`` interval averages; ours: ``metrics.jsonl``) and whole-process samples/s (all
+trained samples over the subprocess's wall time, start-up and data loading included).
+
+Fairness (``benchmarks/paired.py`` rules): every thread setting gives **both** trainers the same
+``OMP_NUM_THREADS`` (ours then keeps torch's default instead of its own core split); one untimed
+warm-up run of each trainer first; ``--repeats`` (>= 5) paired rounds alternating which trainer
+runs first; the median per-round ratio ours ÷ OpenCLIP with its min–max. Prints a table and a
+final JSON line (also appended to ``benchmarks/results.jsonl``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from paired import record  # noqa: E402
 
 from pipeline.config import dump_yaml  # noqa: E402
 from training.models import MODEL_CONFIG_DIR  # noqa: E402
@@ -54,7 +61,7 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         f"train.log_every={args.log_every}",
         "train.eval_every=0",
         f"train.save_every={args.steps}",
-        "train.device=cpu",
+        f"train.device={args.device}",
         "train.data_split=shards",
     ]
     run = make_synthetic_run(
@@ -137,7 +144,7 @@ def run_openclip(
         "--log-every-n-steps",
         str(args.log_every),
         "--device",
-        "cpu",
+        args.device,
         "--logs",
         str(logs),
         "--name",
@@ -173,57 +180,70 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--pairs", type=int, default=512, help="pairs per shard")
     ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the rate")
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", default="both", choices=["default", "omp1", "both"])
+    ap.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the steady rate")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", default="1,2", help="comma-separated OMP_NUM_THREADS, the same for both")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both trainers)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed first run of each")
     args = ap.parse_args()
-    settings = ["default", "omp1"] if args.threads == "both" else [args.threads]
-    results: dict[str, dict[str, list[float]]] = {s: {"ours": [], "open_clip": []} for s in settings}
+    settings = [int(t) for t in args.threads.split(",") if t.strip()]
+    rates: dict[int, dict[str, dict[str, list[float]]]] = {
+        t: {n: {"steady": [], "whole": []} for n in ("ours", "open_clip")} for t in settings
+    }
+    samples = args.steps * args.batch_size
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
         config, model_dir = prepare(root, args)
-        for rep in range(args.repeats):
-            for setting in settings:
-                env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-                if setting == "omp1":
-                    env["OMP_NUM_THREADS"] = "1"
+
+        def one(name: str, threads: int, tag: str) -> tuple[float, float]:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            began = time.perf_counter()
+            if name == "ours":
+                steady = run_ours(root, config, args, env, tag)
+            else:
+                steady = run_openclip(root, model_dir, args, env, tag)
+            return steady, samples / (time.perf_counter() - began)
+
+        for threads in settings:
+            if not args.no_warmup:
+                for name in ("ours", "open_clip"):
+                    one(name, threads, f"warm{threads}")
+            for rep in range(args.repeats):
                 order = ["ours", "open_clip"] if rep % 2 == 0 else ["open_clip", "ours"]
                 for name in order:
-                    tag = f"{setting}_{rep}"
-                    began = time.perf_counter()
-                    rate = (
-                        run_ours(root, config, args, env, tag)
-                        if name == "ours"
-                        else run_openclip(root, model_dir, args, env, tag)
-                    )
-                    results[setting][name].append(rate)
-                    print(
-                        f"  {setting:<8} {name:<10} rep {rep}: {rate:8.1f} samples/s "
-                        f"({time.perf_counter() - began:.0f} s wall)",
-                        flush=True,
-                    )
+                    steady, whole = one(name, threads, f"{threads}_{rep}")
+                    rates[threads][name]["steady"].append(steady)
+                    rates[threads][name]["whole"].append(whole)
+                    print(f"  threads={threads} {name:<10} rep {rep}: steady {steady:8.1f}  whole {whole:8.1f} "
+                          "samples/s", flush=True)
     summary: dict[str, object] = {
-        "bench": "train",
         "model": args.model,
         "precision": args.precision,
         "batch_size": args.batch_size,
         "workers": args.workers,
         "steps": args.steps,
+        "threads": {},
     }
-    print(f"\n{'threads':<10}{'ours s/s':>12}{'open_clip s/s':>16}{'ratio':>8}  per-repeat ratios")
-    for setting in settings:
-        ours, theirs = results[setting]["ours"], results[setting]["open_clip"]
-        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]  # paired: same time window
-        ratio = statistics.median(ratios)
-        print(
-            f"{setting:<10}{statistics.median(ours):>12.1f}{statistics.median(theirs):>16.1f}{ratio:>8.2f}  "
-            + " ".join(f"{r:.2f}" for r in ratios)
-        )
-        summary[f"{setting}_ours_samples_per_s"] = round(statistics.median(ours), 1)
-        summary[f"{setting}_openclip_samples_per_s"] = round(statistics.median(theirs), 1)
-        summary[f"{setting}_ratio"] = round(ratio, 3)
-        summary[f"{setting}_ratios"] = [round(r, 3) for r in ratios]
-    print(json.dumps(summary))
+    print(f"\n{'threads':<8}{'figure':<8}{'ours s/s':>10}{'open_clip':>11}  ratio median (min-max, n)")
+    for threads in settings:
+        row = {}
+        for figure in ("steady", "whole"):
+            ours, theirs = rates[threads]["ours"][figure], rates[threads]["open_clip"][figure]
+            ratios = [a / b for a, b in zip(ours, theirs, strict=True)]  # paired: same load window
+            row[figure] = {
+                "repeats": len(ratios),
+                "speed_ratio_median": statistics.median(ratios),
+                "speed_ratio_min": min(ratios),
+                "speed_ratio_max": max(ratios),
+                "unit": "samples/s",
+                "ours_rate_median": statistics.median(ours),
+                "peer_rate_median": statistics.median(theirs),
+            }
+            print(f"{threads:<8}{figure:<8}{statistics.median(ours):>10.1f}{statistics.median(theirs):>11.1f}  "
+                  f"{row[figure]['speed_ratio_median']:.2f} ({min(ratios):.2f}-{max(ratios):.2f}, n={len(ratios)})")
+        summary["threads"][str(threads)] = row
+    argv = " ".join(sys.argv[1:])
+    record("train", summary, f"python benchmarks/bench_train.py {argv}".strip())
     return 0
 
 

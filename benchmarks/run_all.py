@@ -3,8 +3,10 @@
     make bench                      # all
     python benchmarks/run_all.py --only prep,cluster
 
-Each benchmark prints a table and a final JSON line; this collects the JSON lines into
-``benchmarks/results.jsonl`` (appended, with a timestamp and the host's CPU count).
+Each benchmark prints a table and a final JSON line; the paired ones append it to
+``benchmarks/results.jsonl`` themselves (``benchmarks/paired.record``), the others' lines are
+collected here (appended, with a timestamp and the host's CPU count). ``python
+benchmarks/make_docs.py`` then regenerates ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="", help="comma-separated names (prep, embed, cluster, losses, train)")
+    ap.add_argument("--only", default="", help="comma-separated names (prep, embed, cluster, losses, train, scale)")
     ap.add_argument("--config", default="configs/demo.yaml", help="unused; accepted for make symmetry")
     args = ap.parse_args()
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
@@ -40,6 +42,8 @@ def main() -> int:
             print(proc.stderr[-2000:], file=sys.stderr)
             continue
         last = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if last and "host" in json.loads(last[-1]):
+            continue  # written by benchmarks/paired.record already
         if last:
             record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count(), **json.loads(last[-1])}
             with open(HERE / "results.jsonl", "a") as fh:

@@ -11,6 +11,7 @@ Layout of a stage folder ``<run>/<stage>/``::
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -201,8 +202,9 @@ def read_manifest(stage_dir: str | Path, stage: str | None = None) -> dict[str, 
     return manifest
 
 
+@functools.cache
 def git_sha() -> str:
-    """Commit of the code that produced an artifact ('' outside a git checkout)."""
+    """Commit of the code that produced an artifact ('' outside a git checkout); once per process."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -220,7 +220,10 @@ class AssignConfig:
     """Nearest fine centre for every pair."""
 
     backend: Literal["auto", "torch", "faiss"] = "auto"
-    """``auto`` (= torch matmul, fastest measured here), ``torch`` or ``faiss`` (exact flat index)."""
+    """``auto`` (faiss on CPU when installed, torch matmul on GPU), ``torch`` or ``faiss`` (exact flat index)."""
+    capacity: Literal["none", "fit_bounds"] = "none"
+    """``none``: nearest fine centre (MoDE's greedy inference); ``fit_bounds``: capacity-aware, every fine
+    cluster's size within the balanced fit's bounds (``cluster.balance_slack``) in each shard."""
     chunk_size: int = 65536
     """Pairs per distance block."""
     device: str = "auto"

@@ -1,5 +1,10 @@
 """``assign`` stage: nearest fine centre for every pair (MoDE ``prep_inference.py``), exact.
 
+With ``assign.capacity: fit_bounds`` it is capacity-aware instead: within each shard every fine
+cluster's size lies within ``kmeans.balanced_bounds(shard pairs, K, cluster.balance_slack)`` (the
+balanced fit's bounds), so over all shards within the sums of those bounds; MoDE itself assigned
+greedily to the nearest centre at inference, which is the default (``none``).
+
 One output per embed shard, ``<run>/assign/assign/<shard>.parquet`` with columns ``pair_id``
 int64, ``key`` str, ``fine`` int32, ``coarse`` int16 (via the fine→coarse map) and ``dist``
 float32 (L2 distance between the normalised feature and its fine centre for ``euclidean``,
@@ -43,8 +48,11 @@ UPSTREAM = ("prep", "embed", "cluster")
 
 
 def hash_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    """Assignment depends on its own backend settings only through the centres (exact search)."""
-    return {"metric": cfg.cluster.metric, "num_fine": cfg.cluster.num_fine, "num_experts": cfg.cluster.num_experts}
+    """Nearest assignment is exact, so the backend is not hashed; a capacity-aware one is."""
+    out = {"metric": cfg.cluster.metric, "num_fine": cfg.cluster.num_fine, "num_experts": cfg.cluster.num_experts}
+    if cfg.assign.capacity != "none":
+        out.update(capacity=cfg.assign.capacity, balance_slack=cfg.cluster.balance_slack)
+    return out
 
 
 def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
@@ -73,17 +81,25 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
     """Assign one shard's pairs to their nearest fine centre."""
     fine, _, fine_to_coarse, _ = load_centers(cfg)
     fine, fine_to_coarse = generations.shard_centers(cfg, shard.name, fine, fine_to_coarse)
-    feats = torch.from_numpy(load_npy(shard.inputs["features"], "assign", ndim=2).astype(np.float32))
-    if feats.shape[1] != fine.shape[1]:
+    array = load_npy(shard.inputs["features"], "assign", ndim=2).astype(np.float32)
+    if array.shape[1] != fine.shape[1]:
         raise UnreadableFileError(
-            f"assign: {shard.inputs['features']} has {feats.shape[1]} columns, the centres {fine.shape[1]}"
+            f"assign: {shard.inputs['features']} has {array.shape[1]} columns, the centres {fine.shape[1]}"
         )
-    feats = torch.nn.functional.normalize(feats, dim=1)
+    # L2-normalised in place with numpy (what F.normalize computes, without a second [N, D] copy;
+    # single-threaded element-wise work does not wait on descheduled threads of a busy CPU).
+    array /= np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+    feats = torch.from_numpy(array)
     captions = read_parquet(cfg.run_dir / "prep" / "captions" / f"{shard.name}.parquet", "assign", ["pair_id", "key"])
     if captions.num_rows != feats.shape[0]:
         raise ValueError(f"{shard.name}: {feats.shape[0]} feature rows but {captions.num_rows} captions")
     device = resolve_device(cfg.assign.device)
-    if len(feats):
+    if len(feats) and cfg.assign.capacity == "fit_bounds":
+        ids, dist = kmeans.assign_capacity(
+            feats, fine, metric=cfg.cluster.metric, balance_slack=cfg.cluster.balance_slack,
+            chunk_size=cfg.assign.chunk_size, device=device,
+        )
+    elif len(feats):
         ids, dist = kmeans.assign_nearest(
             feats, fine, metric=cfg.cluster.metric, chunk_size=cfg.assign.chunk_size,
             backend=cfg.assign.backend, device=device,

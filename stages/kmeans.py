@@ -231,8 +231,8 @@ def assign_nearest(
         metric: ``"euclidean"`` or ``"cosine"`` (largest dot product with normalised centres).
         chunk_size: Rows per distance block.
         backend: ``"torch"`` (chunked matmul), ``"faiss"`` (exact ``IndexFlatL2`` /
-            ``IndexFlatIP``) or ``"auto"`` = torch, which measured 3-4x faster than faiss's flat
-            index on our CPU (benchmarks/bench_cluster.py) and runs on GPU as well.
+            ``IndexFlatIP``) or ``"auto"`` (``auto_backend``: faiss on CPU when installed,
+            torch on a GPU device).
         device: Device for the torch backend; default ``x``'s device.
 
     Returns:
@@ -252,10 +252,63 @@ def assign_nearest(
         raise ValueError(f"x has dim {x.shape[1]} but centers have dim {centers.shape[1]}")
     run_device = torch.device(device) if device is not None else x.device
     if backend == "auto":
-        backend = "torch"
+        backend = auto_backend(run_device)
     if backend == "faiss":
         return _assign_faiss(x, centers, metric, chunk_size)
     return _assign_torch(x, centers, metric, chunk_size, run_device)
+
+
+def auto_backend(device: str | torch.device) -> str:
+    """What ``backend="auto"`` means on ``device``: ``"faiss"`` on CPU, ``"torch"`` elsewhere.
+
+    Not a fixed speed claim: on CPU, paired runs of bare faiss ``IndexFlatL2.search`` against
+    the torch matmul path ranged from 0.7x to 1.3x of each other across machines and loads
+    (benchmarks/bench_cluster.py prints the ratio on the machine it runs on), and faiss is the
+    reference CPU search, so CPU uses it whenever it is installed; on a GPU the torch matmul
+    runs where the data is (faiss-cpu cannot) and the GPU faiss build is optional.
+    """
+    if torch.device(device).type == "cpu" and faiss is not None:
+        return "faiss"
+    return "torch"
+
+
+def assign_capacity(
+    x: torch.Tensor,
+    centers: torch.Tensor,
+    *,
+    metric: str = "euclidean",
+    balance_slack: float = 0.1,
+    chunk_size: int = 65536,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Capacity-aware assignment: the fit's balanced greedy applied to ``x`` as one block.
+
+    Every cluster size lies within ``balanced_bounds(len(x), K, balance_slack)``, the bounds the
+    balanced fit kept, and each row gets exactly one cluster. Applied shard by shard (as the
+    assign stage does), sizes lie within the sums of the per-shard bounds. Costs about 1.5-3x a
+    nearest search (8 candidates per row plus greedy rounds) and moves the points it must to
+    their 2nd, 3rd... nearest centre.
+
+    Returns:
+        ``(ids, distances)`` as ``assign_nearest``: int64 ids, float32 L2 distance (euclidean)
+        or ``1 - cos`` (cosine), on CPU.
+    """
+    _check_choice("metric", metric, METRICS)
+    _check_positive("chunk_size", chunk_size)
+    _check_matrix("x", x)
+    _check_matrix("centers", centers)
+    if x.shape[1] != centers.shape[1]:
+        raise ValueError(f"x has dim {x.shape[1]} but centers have dim {centers.shape[1]}")
+    if balance_slack < 0:
+        raise ValueError(f"balance_slack={balance_slack} must be >= 0")
+    run_device = torch.device(device) if device is not None else x.device
+    setup = _Setup(metric, run_device, chunk_size, True, balance_slack)
+    prepared = _prepare(centers, metric, run_device)
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    labels, sq = _BalancedBlock(x, prepared, setup).solve()
+    dist = sq / 2 if metric == "cosine" else sq.sqrt()
+    return labels.cpu(), dist.cpu()
 
 
 def fit_faiss_kmeans(
@@ -623,11 +676,14 @@ def _lloyd_pass(
             labels, sq_dist = _BalancedBlock(block, centers, setup).solve()
         else:
             labels, sq_dist = _nearest_block(block, centers, setup)
-        for start, xc in _subchunks(block, setup):
-            stats.sums.index_add_(0, labels[start : start + xc.shape[0]], xc)
-        stats.counts += torch.bincount(labels, minlength=k)
-        stats.inertia += sq_dist.sum(dtype=torch.float64).item()
-        _keep_farthest(stats, block, sq_dist, k, setup)
+        # One thread: CPU index_add_ contends on the shared rows with more (measured on 2 busy
+        # cores, 50k x 384 into 256 rows: 0.28 s with two threads, 0.05 s with one).
+        with _one_cpu_thread():
+            for start, xc in _subchunks(block, setup):
+                stats.sums.index_add_(0, labels[start : start + xc.shape[0]], xc)
+            stats.counts += torch.bincount(labels, minlength=k)
+            stats.inertia += sq_dist.sum(dtype=torch.float64).item()
+            _keep_farthest(stats, block, sq_dist, k, setup)
         if keep_labels:
             stats.labels.append(labels)
     return stats
@@ -704,6 +760,8 @@ def _block_candidates(
     closed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     parts = [_candidates(xc, centers, bias, num, closed) for _, xc in _subchunks(block, setup)]
+    if len(parts) == 1:  # one chunk: no copy
+        return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -736,28 +794,45 @@ class _BalancedBlock:
         ids, sq = _block_candidates(self.block, self.centers, self.c_sq, min(k, _NUM_CANDIDATES), self.setup)
         low, high = balanced_bounds(n, k, self.setup.balance_slack)
         pending = torch.arange(n, device=ids.device)
-        for room_size in (low, high - low):
+        for phase, room_size in enumerate((low, high - low)):
             room = torch.full((k,), room_size, dtype=torch.int64, device=ids.device)
-            pending = self._fill(ids[pending], sq[pending], pending, room)
+            if phase == 0:  # every row is pending: no gather
+                pending = self._fill(ids, sq, pending, room)
+            else:
+                pending = self._fill(ids[pending], sq[pending], pending, room)
         return self.labels, self.label_sq.clamp_(min=0)
 
     def _fill(
         self, ids: torch.Tensor, sq: torch.Tensor, pending: torch.Tensor, room: torch.Tensor
     ) -> torch.Tensor:
-        """Places ``pending`` rows (with their candidates) into ``room``; returns the rest."""
-        while pending.numel() and room.any():
-            with _one_cpu_thread():
+        """Places ``pending`` rows (with their candidates) into ``room``; returns the rest.
+
+        The bookkeeping (many small gathers, masks and scatters) runs on one CPU thread; only the
+        candidate searches get the caller's threads back (see ``_one_cpu_thread``).
+        """
+        threads = torch.get_num_threads()
+        with _one_cpu_thread():
+            while pending.numel() and room.any():
                 got, slot = _greedy_rounds(ids, sq, room)
-            placed = got >= 0
-            self.labels[pending[placed]] = got[placed]
-            self.label_sq[pending[placed]] = sq[placed].gather(1, slot[placed, None])[:, 0]
-            pending = pending[~placed]
-            if pending.numel() and room.any():
-                # Every candidate of these rows filled up: look again among clusters with room.
-                closed = room == 0
-                num = min(ids.shape[1], int((~closed).sum()))
-                rows = self.block[pending.to(self.block.device)]
-                ids, sq = _block_candidates(rows, self.centers, self.c_sq, num, self.setup, closed)
+                placed = got >= 0
+                self.labels[pending[placed]] = got[placed]
+                self.label_sq[pending[placed]] = sq[placed].gather(1, slot[placed, None])[:, 0]
+                pending = pending[~placed]
+                if pending.numel() and room.any():
+                    # Every candidate of these rows filled up: look again among clusters with room.
+                    # Only the open clusters are scored: late in a phase few remain, so this costs
+                    # a fraction of a full pass, and more candidates per row cut the rounds left.
+                    open_ids = (room > 0).nonzero()[:, 0]
+                    num = min(2 * _NUM_CANDIDATES, open_ids.numel())
+                    rows = self.block[pending.to(self.block.device)]
+                    torch.set_num_threads(threads)
+                    try:
+                        ids, sq = _block_candidates(
+                            rows, self.centers[open_ids], self.c_sq[open_ids], num, self.setup
+                        )
+                    finally:
+                        torch.set_num_threads(1)
+                    ids = open_ids[ids]
         return pending
 
 
@@ -846,7 +921,8 @@ def _assign_faiss(
     ids, dists = [], []
     for start in range(0, x.shape[0], chunk_size):
         scores, idx = index.search(_to_numpy(_prepare(x[start : start + chunk_size], metric, cpu)), 1)
-        scores = torch.from_numpy(scores[:, 0])
-        dists.append(1.0 - scores if metric == "cosine" else scores.clamp_min(0).sqrt())
+        scores = scores[:, 0]
+        # numpy: single-threaded element-wise ops, no OpenMP hand-off for a vector this small.
+        dists.append(torch.from_numpy(1.0 - scores if metric == "cosine" else np.sqrt(np.maximum(scores, 0))))
         ids.append(torch.from_numpy(idx[:, 0].astype(np.int64)))
     return torch.cat(ids), torch.cat(dists)

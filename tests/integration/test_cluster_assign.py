@@ -90,3 +90,18 @@ def test_cluster_is_deterministic_and_reruns_are_noops(embedded, tmp_path):
     changed = load_config(None, [*overrides(tmp_path, cfg.data.train), "cluster.num_fine=6", "cluster.num_experts=4"])
     with pytest.raises(StageError, match="cluster.num_fine"):
         run_stage(changed, "cluster", progress=False)
+
+
+def test_assign_capacity_fit_bounds_keeps_sizes_within_per_shard_bounds(embedded, tmp_path):
+    from stages.kmeans import balanced_bounds
+
+    cfg = load_config(None, [*overrides(tmp_path, f"{tmp_path}/data/{{0..{SHARDS - 1}}}.tar", "cluster.num_fine=8",
+                                        "cluster.num_experts=4", "cluster.max_iter=30"), "assign.capacity=fit_bounds"])
+    run_stage(cfg, "cluster", progress=False)
+    manifest = run_stage(cfg, "assign", progress=False)["manifest"]
+    out = read_assign(cfg)
+    assert sorted(out["pair_id"].tolist()) == list(range(SHARDS * PAIRS_PER_SHARD))  # each pair once
+    low, high = balanced_bounds(PAIRS_PER_SHARD, 8, cfg.cluster.balance_slack)
+    sizes = np.bincount(out["fine"], minlength=8)
+    assert SHARDS * low <= sizes.min() and sizes.max() <= SHARDS * high
+    assert manifest["config_used"]["capacity"] == "fit_bounds"
