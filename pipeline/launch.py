@@ -72,20 +72,28 @@ class StageTask(submitit.helpers.Checkpointable):
         shard_range: ``(lo, hi)`` indices into the stage's shard listing, or ``None``.
     """
 
-    def __init__(self, cfg: PipelineConfig, stage: str, shard_range: tuple[int, int] | None) -> None:
+    def __init__(
+        self, cfg: PipelineConfig, stage: str, shard_range: tuple[int, int] | None, force: bool = False
+    ) -> None:
         self.cfg = cfg
         self.stage = stage
         self.shard_range = shard_range
+        self.force = force
 
     def __call__(self) -> dict[str, Any]:
-        """Run the unfinished shards of the range; write the manifest if no shard is left."""
+        """Run the unfinished shards of the range (with ``force``: every shard of it, each output
+        replaced in place, nothing removed first); write the manifest if no shard is left."""
         _log_to_stderr()
-        summary = run_stage(self.cfg, self.stage, shard_range=self.shard_range, workers=1, progress=False)
+        summary = run_stage(
+            self.cfg, self.stage, shard_range=self.shard_range, workers=1, progress=False,
+            force=self.force, redo_done=self.force or None,
+        )
         summary.pop("manifest", None)  # keep the job's result pickle small
         return summary
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
-        """Requeue the same range: finished shards are skipped through their completion records."""
+        """Requeue the same range: finished shards (redone ones included) are skipped through their
+        completion records."""
         return DelayedSubmission(StageTask(self.cfg, self.stage, self.shard_range))
 
     def __repr__(self) -> str:
@@ -317,20 +325,14 @@ def _manifest_current(cfg: PipelineConfig, stage: str, chash: str) -> bool:
     return path.is_file() and artifacts.read_json(path).get("config_hash") == chash
 
 
-def _clear_records(cfg: PipelineConfig, stage: str, shards: list[str]) -> None:
-    sdir = stage_dir(cfg, stage)
-    for shard in shards:
-        artifacts.done_path(sdir, shard).unlink(missing_ok=True)
-    (sdir / artifacts.MANIFEST).unlink(missing_ok=True)
-
-
 def plan_tasks(
     cfg: PipelineConfig, stage: str, *, force: bool = False, dry_run: bool = False
 ) -> list[StageTask]:
     """The tasks a submission of ``stage`` would run (empty when there is nothing to do).
 
-    With ``force`` every shard is redone: the completion records and the manifest are removed
-    first, as a local ``--force`` run does (a dry run only pretends to).
+    With ``force`` every shard is redone by the tasks themselves, as a local ``--force`` run
+    does: nothing is removed before it is submitted, each output is replaced when its shard is
+    redone, so a failed or cancelled array leaves the earlier outputs in place.
     """
     return _plan_tasks(cfg, stage, force, dry_run)[1]
 
@@ -341,20 +343,17 @@ def _plan_tasks(
     plan = plan_stage(cfg, stage)
     if (plan.stale or plan.orphans) and not force:
         raise StageError(_stale_message(cfg, stage, plan))
-    if force and not dry_run:
-        _clear_records(cfg, stage, plan.done + plan.stale + plan.orphans)
-        plan = plan_stage(cfg, stage)
-    elif force:
+    if force:
         plan = dataclasses.replace(plan, done=[], stale=[], orphans=[], todo=[s.name for s in plan.shards])
     if not plan.todo and _manifest_current(cfg, stage, plan.config_hash):
         return plan, []
     if stage not in SHARDED_STAGES:
-        return plan, [StageTask(cfg, stage, None)]
+        return plan, [StageTask(cfg, stage, None, force)]
     todo = set(plan.todo)
     indices = [i for i, shard in enumerate(plan.shards) if shard.name in todo]
     # every shard done but no manifest (its writer died): one task that only finalizes
     ranges = split_ranges(indices, cfg.launcher.slurm.shards_per_job) or [(0, 0)]
-    return plan, [StageTask(cfg, stage, r) for r in ranges]
+    return plan, [StageTask(cfg, stage, r, force) for r in ranges]
 
 
 def submit_stage(

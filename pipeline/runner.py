@@ -237,6 +237,7 @@ def run_stage(
     workers: int | None = None,
     progress: bool = True,
     finalize: bool = True,
+    redo_done: bool | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a stage; returns a summary (and writes the manifest when complete).
 
@@ -253,6 +254,8 @@ def run_stage(
         progress: show a progress bar.
         finalize: write the manifest when every shard is done (under torchrun only rank 0 does,
             after a barrier).
+        redo_done: with ``force``, also redo finished shards of a partial run (a forced SLURM
+            array task redoes its whole range); default: only when the run covers every shard.
     """
     module = load_stage(name)
     sdir = stage_dir(cfg, name)
@@ -265,7 +268,7 @@ def run_stage(
         # (their records and outputs are overwritten shard by shard); the old manifest and the
         # records of shards no longer listed go only once the new outputs are in place.
         partial = shard_range is not None or stride is not None
-        redo = plan.stale + ([] if partial else plan.done)
+        redo = plan.stale + (plan.done if (not partial if redo_done is None else redo_done) else [])
         plan = dataclasses.replace(
             plan, done=[n for n in plan.done if n not in redo], stale=[], todo=plan.todo + redo
         )

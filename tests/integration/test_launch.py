@@ -313,3 +313,26 @@ def test_train_task_sets_up_ddp_env_and_calls_the_training_entry(tmp_path, monke
     assert [j.result() for j in jobs] == ["seed", "1"]
     # the seed, not asked for, resumes; the expert starts over as asked
     assert calls == [("seed", "latest", True, "0", "1"), ("1", "none", True, "0", "1")]
+
+
+def test_forced_array_removes_nothing_before_its_replacements_are_written(tmp_path, tars):
+    cfg = load_config(None, slurm_overrides(tmp_path, tars))
+    for job in submit_stage(cfg, "prep", cluster="debug"):
+        job.result()
+    expected = rows(cfg.run_dir)
+    manifest = cfg.run_dir / "prep" / "manifest.json"
+    before = record_mtimes(cfg.run_dir)
+    tasks = plan_tasks(cfg, "prep", force=True)
+    assert [(t.shard_range, t.force) for t in tasks] == [((0, 2), True), ((2, 4), True), ((4, 6), True)]
+    assert record_mtimes(cfg.run_dir) == before and manifest.is_file()  # planning removed nothing
+    jobs = submit_stage(cfg, "prep", cluster="debug", force=True)
+    jobs[0].result()
+    jobs[1].result()  # the last task "fails" (never runs): its shards keep their earlier outputs
+    after = record_mtimes(cfg.run_dir)
+    redone = [f"s0_{i}" for i in range(4)]
+    assert len(after) == NUM_SHARDS and all(after[k] != before[k] for k in redone)
+    assert after["s0_4"] == before["s0_4"] and after["s0_5"] == before["s0_5"]
+    assert rows(cfg.run_dir) == expected
+    jobs[2].result()
+    assert rows(cfg.run_dir) == expected and manifest.is_file()
+    assert stage_status(cfg, "prep")["state"] == "done"
