@@ -116,7 +116,7 @@ def _bar_colors(systems: Sequence[str]) -> dict[str, Any]:
              "dense_equal_compute": "0.3", "random_split": "tab:purple", "full_ensemble": "tab:brown"}
     experts = [s for s in systems if s.startswith("expert-")]
     palette = plt.get_cmap("tab10" if len(experts) <= 7 else "tab20")
-    skip = {1, 3, 4, 5} if len(experts) <= 6 else set()  # keep orange/red/purple/brown for the systems
+    skip = {1, 3, 4, 5, 7} if len(experts) <= 5 else {7}  # orange/red/purple/brown/grey are the systems' colours
     free = [palette(i) for i in range(palette.N) if i not in skip]
     colors = {s: free[i % len(free)] for i, s in enumerate(experts)}
     colors.update({s: c for s, c in fixed.items() if s in systems})
@@ -136,7 +136,7 @@ def plot_scores(
     bounds = {(r["dataset"], r["system"]): (r["ci_low"], r["ci_high"]) for r in ci_rows}
     colors = _bar_colors(systems)
     width = 0.85 / len(systems)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.28 * len(rows) * len(systems) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.3 * len(rows) * len(systems) + 2), 4.8))
     for j, system in enumerate(systems):
         xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(rows))]
         ys = [r.get(system) or 0.0 for r in rows]
@@ -145,10 +145,11 @@ def plot_scores(
                [max(0.0, hi - y) if hi == hi else 0.0 for y, (_, hi) in zip(ys, lo_hi, strict=True)]]
         ax.bar(xs, ys, width, yerr=err, capsize=1.5, label=system, color=colors.get(system, "0.5"),
                error_kw={"elinewidth": 0.6})
-        for x, y in zip(xs, ys, strict=True):
-            ax.text(x, y + 1, f"{y:.0f}", ha="center", va="bottom", fontsize=5, rotation=90)
+        for x, y, (_, hi) in zip(xs, ys, lo_hi, strict=True):
+            top = hi if hi == hi else y
+            ax.text(x, top + 0.8, f"{y:.1f}", ha="center", va="bottom", fontsize=6.5, rotation=90)
     ax.set_xticks(range(len(rows)), [r["dataset"] for r in rows], rotation=20, ha="right")
-    ax.set(ylabel="score (%)", title="experts, routed ensemble and baselines (95% bootstrap intervals)", ylim=(0, 105))
+    ax.set(ylabel="score (%)", title="experts, routed ensemble and baselines (95% bootstrap intervals)", ylim=(0, 112))
     ax.legend(fontsize=6, ncol=min(len(systems), 5), loc="upper left")
     fig.tight_layout()
     _save(fig, path)
