@@ -210,7 +210,7 @@ def outputs_dir(stage_dir: Path, task: str) -> Path:
 
 def _save_pt(path: Path, obj: Any) -> None:
     with artifacts.atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        artifacts.torch_save(obj, tmp)
 
 
 def load_outputs(path: Path) -> dict[str, Any]:

@@ -82,6 +82,16 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
+def torch_save(obj: Any, tmp: str | Path) -> None:
+    """``torch.save`` through a file handle, so the bytes do not depend on the file's (temporary)
+    name: saved to a path, torch names the archive's top folder after the file, and a content
+    digest of the artifact would then differ between two identical runs."""
+    import torch
+
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Atomically write JSON (sorted keys, indented)."""
     with atomic_path(path) as tmp:

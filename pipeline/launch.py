@@ -341,7 +341,7 @@ def _plan_tasks(
     cfg: PipelineConfig, stage: str, force: bool, dry_run: bool
 ) -> tuple[StagePlan, list[StageTask]]:
     plan = plan_stage(cfg, stage)
-    if (plan.stale or plan.orphans) and not force:
+    if plan.upstream_stale or ((plan.stale or plan.orphans) and not force):
         raise StageError(_stale_message(cfg, stage, plan))
     if force:
         plan = dataclasses.replace(plan, done=[], stale=[], orphans=[], todo=[s.name for s in plan.shards])

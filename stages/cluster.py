@@ -134,9 +134,9 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
 
 def _save(stage_dir: Path, fine, coarse_centers, fine_to_coarse, ids: np.ndarray) -> None:
     with artifacts.atomic_path(stage_dir / "fine_centers.pth") as tmp:
-        torch.save({"center": fine.centers.float()}, tmp)
+        artifacts.torch_save({"center": fine.centers.float()}, tmp)
     with artifacts.atomic_path(stage_dir / "coarse.pth") as tmp:
-        torch.save({"coarse": coarse_centers.float(), "assign": fine_to_coarse.long()}, tmp)
+        artifacts.torch_save({"coarse": coarse_centers.float(), "assign": fine_to_coarse.long()}, tmp)
     with artifacts.atomic_path(stage_dir / "sample_ids.npy") as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, ids.astype(np.int64))

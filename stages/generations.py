@@ -183,7 +183,7 @@ def add_experts(cfg: PipelineConfig, num_experts: int, num_fine: int) -> dict[st
     path = generation_path(cfg, g)
     path.parent.mkdir(parents=True, exist_ok=True)
     with artifacts.atomic_path(path) as tmp:
-        torch.save({"center": fine.centers.float(), "owner": owner, "shards": [f.stem for f in files],
+        artifacts.torch_save({"center": fine.centers.float(), "owner": owner, "shards": [f.stem for f in files],
                     "generation": g}, tmp)
     first = len(old_owner)
     added = [

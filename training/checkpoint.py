@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import artifacts
 from pipeline.artifacts import atomic_path
 from pipeline.runner import StageError
 from pipeline.safeload import torch_load
@@ -57,7 +58,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` atomically (temporary file, then rename)."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        artifacts.torch_save(state, tmp)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, pinned: frozenset[int] = frozenset()) -> list[Path]:
@@ -139,5 +140,5 @@ def export_final(run_dir: Path, model: nn.Module) -> Path:
             state.setdefault(f"{name}.num_batches_tracked", torch.tensor(0, dtype=torch.long))
     path = Path(run_dir) / FINAL
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        artifacts.torch_save(state, tmp)
     return path

@@ -186,7 +186,7 @@ def digests(run: Path) -> dict[str, str]:
         rel = path.relative_to(run).as_posix()
         if not path.is_file() or rel.startswith("_slurm/") or "/tensorboard/" in rel or "/_done/" in rel:
             continue
-        if path.suffix in (".yaml", ".png", ".log") or path.name in ("manifest.json", "metrics.jsonl"):
+        if path.suffix in (".yaml", ".png", ".log") or path.name in ("manifest.json", "metrics.jsonl", "_digests.json"):
             continue
         out[rel] = digest(path, run.name)
     return out
@@ -282,14 +282,18 @@ def test_whole_chain_on_slurm_equals_the_local_chain(world, capsys):
 
 
 def test_a_failed_task_is_named_with_its_shard_and_log(world, capsys):
-    """A corrupt feature file fails an assign task; status and the next launch name job, shard, log."""
+    """A planted fault fails an assign task; status and the next launch name job, shard, log.
+
+    The fault is an output path blocked by a folder: a corrupt *input* (a damaged feature file) is
+    now caught by the lineage check before any job is submitted (upstream content changed).
+    """
     cfg = cfg_of(world)
     if not (cfg.run_dir / "ensemble" / "manifest.json").is_file():
         pytest.fail("needs the chain of test_whole_chain_on_slurm_equals_the_local_chain")
     shard = sorted(artifacts.read_json(cfg.run_dir / "assign" / "manifest.json")["inputs"])[-1]
-    victim = cfg.run_dir / "embed" / "features" / f"{shard}.npy"
-    good = victim.read_bytes()
-    victim.write_bytes(b"\x93NUMPY this is not an array")
+    output = cfg.run_dir / "assign" / "assign" / f"{shard}.parquet"
+    output.unlink()
+    (output / "blocked").mkdir(parents=True)  # the shard's result cannot be renamed into place
     artifacts.done_path(cfg.run_dir / "assign", shard).unlink()  # so that assign redoes that shard
     (cfg.run_dir / "assign" / "manifest.json").unlink()
     capsys.readouterr()
@@ -306,8 +310,8 @@ def test_a_failed_task_is_named_with_its_shard_and_log(world, capsys):
     assert lines[i].split()[:3] == ["assign", jobs[0], "FAILED"], text
     assert "shard(s) failed" in lines[i + 1] and shard in lines[i + 1], text
     assert lines[i + 2].strip() == f"log: {log}", text
-    # the input is repaired; the launcher names the failure and reruns only that shard
-    victim.write_bytes(good)
+    # the fault is repaired; the launcher names the failure and reruns only that shard
+    shutil.rmtree(output)
     assert pipeline(world, "assign") == 0
     out = capsys.readouterr().out
     assert f"assign: earlier job {jobs[0]} (shards (3, 4)) FAILED: " in out and shard in out, out

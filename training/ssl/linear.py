@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline import artifacts
 from pipeline.artifacts import atomic_path, file_fingerprint, write_text
 from pipeline.config import PipelineConfig
 from training.ssl.config import LinearEvalConfig
@@ -146,7 +147,7 @@ def cached_features(
     x, y = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save({"key": key, "x": x, "y": y}, tmp)
+        artifacts.torch_save({"key": key, "x": x, "y": y}, tmp)
     return x, y
 
 
