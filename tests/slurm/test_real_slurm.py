@@ -139,7 +139,9 @@ def run_stage_on_slurm(world, stage: str, capsys) -> str:
 
 # Where the two runs differ by construction, not by content: the saved config (run name, launcher
 # settings), the commit, and the ensemble's fingerprint of the model file (its path and mtime).
-IDENTITY_KEYS = {("config",), ("git_sha",), ("meta", "model")}
+IDENTITY_KEYS = {("config",), ("git_sha",), ("meta", "model"), ("identity",), ("identity_hash",)}
+"""Run identity, not content: the config (run name, paths) and what is derived from it (a run's
+identity holds the content digest of the seed checkpoint, which embeds the seed's config)."""
 
 
 def _canonical(obj, h, parent: str = "") -> None:
@@ -252,9 +254,9 @@ def test_whole_chain_on_slurm_equals_the_local_chain(world, capsys):
         time.sleep(0.05)
     assert pipeline(world, "status") == 0  # while the seed runs: experts wait on their dependency
     text = capsys.readouterr().out
-    assert next(x for x in text.splitlines() if seed_job in x).split()[2] == "RUNNING", text
+    assert next(x for x in text.splitlines() if x.split()[1:2] == [seed_job]).split()[2] == "RUNNING", text
     for job in expert_jobs:
-        assert next(x for x in text.splitlines() if job in x).split()[2:4] == ["PENDING", "Dependency"], text
+        assert next(x for x in text.splitlines() if x.split()[1:2] == [job]).split()[2:4] == ["PENDING", "Dependency"], text
     sh("scontrol", "requeue", seed_job)
     assert not (seed_dir / "final.pt").exists(), "the seed finished before it was requeued; make it longer"
     # a requeued job waits ~2 min (BeginTime) before it may start again: let it start now
@@ -306,7 +308,7 @@ def test_a_failed_task_is_named_with_its_shard_and_log(world, capsys):
     assert pipeline(world, "status") == 0
     text = capsys.readouterr().out
     lines = text.splitlines()
-    i = next(i for i, x in enumerate(lines) if jobs[0] in x)
+    i = next(i for i, x in enumerate(lines) if x.split()[1:2] == [jobs[0]])
     assert lines[i].split()[:3] == ["assign", jobs[0], "FAILED"], text
     assert "shard(s) failed" in lines[i + 1] and shard in lines[i + 1], text
     assert lines[i + 2].strip() == f"log: {log}", text
