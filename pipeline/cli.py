@@ -227,8 +227,7 @@ def cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         if stage == "train":
             from training.main import train_experts
 
-            train_experts(cfg, "seed", resume="latest", progress=not args.quiet)
-            train_experts(cfg, "all", resume="latest", progress=not args.quiet)
+            train_experts(cfg, "all", resume="latest", progress=not args.quiet)  # seed first, then the rest
             continue
         run_stage(cfg, stage, force=args.force, progress=not args.quiet)
     return 0
