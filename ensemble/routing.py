@@ -167,6 +167,15 @@ def expert_sq_distances(
     return out
 
 
+def median_margin(sample_d2: torch.Tensor) -> float:
+    """Median over rows of (second smallest − smallest) squared expert distance (0 without rows)."""
+    if sample_d2.shape[0] == 0 or sample_d2.shape[1] < 2:
+        return 0.0
+    two = sample_d2.double().topk(2, dim=1, largest=False).values
+    margins = (two[:, 1] - two[:, 0])[torch.isfinite(two[:, 1])]
+    return float(margins.median()) if len(margins) else 0.0
+
+
 def calibrate_temperature(sample_d2: torch.Tensor, confidence: float = 0.9) -> float:
     """Temperature ``tau`` of the calibrated routing from training captions' expert distances.
 
@@ -184,10 +193,7 @@ def calibrate_temperature(sample_d2: torch.Tensor, confidence: float = 0.9) -> f
         return 1.0
     if not 1.0 / num_experts < confidence < 1.0:
         raise ValueError(f"ensemble.calibrated_confidence: {confidence} not in (1/E, 1) = ({1 / num_experts:.3f}, 1)")
-    two = sample_d2.double().topk(2, dim=1, largest=False).values
-    margins = (two[:, 1] - two[:, 0])[torch.isfinite(two[:, 1])]
-    median = float(margins.median()) if len(margins) else 0.0
-    return max(median, 1e-12) / math.log(confidence * (num_experts - 1) / (1.0 - confidence))
+    return max(median_margin(sample_d2), 1e-12) / math.log(confidence * (num_experts - 1) / (1.0 - confidence))
 
 
 def calibrated_weights(
@@ -286,14 +292,17 @@ def route(
     return Routing(weights, dist, fine, expert)
 
 
+def _entropy_rows(rows: torch.Tensor) -> torch.Tensor:
+    p = rows.double().clamp_min(1e-300)
+    return -(p * torch.log2(p)).sum(dim=-1)
+
+
 def entropy_bits(weights: torch.Tensor) -> float:
     """Entropy of one weight vector in bits (0 = one expert, log2(E) = uniform)."""
-    w = weights.double().clamp_min(1e-300)
-    return float(-(w * torch.log2(w)).sum())
+    return float(_entropy_rows(weights))
 
 
 def mean_entropy_bits(weights: dict[str, torch.Tensor]) -> float:
     """Mean entropy (bits) over every weight vector of a task's weights dict."""
     rows = torch.cat([w.double().reshape(-1, w.shape[-1]) for w in weights.values()])
-    p = rows.clamp_min(1e-300)
-    return float((-(p * torch.log2(p)).sum(dim=1)).mean())
+    return float(_entropy_rows(rows).mean())

@@ -47,6 +47,7 @@ from ensemble.routing import (
     entropy_bits,
     expert_sq_distances,
     mean_entropy_bits,
+    median_margin,
 )
 from ensemble.scoring import Intervals, TaskScores, bootstrap_report, score_task
 from ensemble.systems import System, extra_columns, seed_convergence, systems_of, training_compute
@@ -123,12 +124,11 @@ def routing_calibration(cfg: PipelineConfig, centers: Centers, cmanifest: dict[s
         log.warning("ensemble: no caption features in the embed stage; the routing temperature is fitted on the fine centres")
         sample = centers.fine
     d2 = expert_sq_distances(sample, centers.fine, centers.fine_to_coarse, centers.num_experts)
-    two = d2.topk(min(2, centers.num_experts), dim=1, largest=False).values
     result = {
         "key": key,
         "temperature": calibrate_temperature(d2, cfg.ensemble.calibrated_confidence),
         "num_captions": int(sample.shape[0]),
-        "median_margin": float((two[:, -1] - two[:, 0]).median()) if len(two) else 0.0,
+        "median_margin": median_margin(d2),
     }
     artifacts.write_json(path, result)
     return result

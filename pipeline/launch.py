@@ -325,21 +325,17 @@ def _manifest_current(cfg: PipelineConfig, stage: str, chash: str) -> bool:
     return path.is_file() and artifacts.read_json(path).get("config_hash") == chash
 
 
-def plan_tasks(
-    cfg: PipelineConfig, stage: str, *, force: bool = False, dry_run: bool = False
-) -> list[StageTask]:
+def plan_tasks(cfg: PipelineConfig, stage: str, *, force: bool = False) -> list[StageTask]:
     """The tasks a submission of ``stage`` would run (empty when there is nothing to do).
 
     With ``force`` every shard is redone by the tasks themselves, as a local ``--force`` run
     does: nothing is removed before it is submitted, each output is replaced when its shard is
     redone, so a failed or cancelled array leaves the earlier outputs in place.
     """
-    return _plan_tasks(cfg, stage, force, dry_run)[1]
+    return _plan_tasks(cfg, stage, force)[1]
 
 
-def _plan_tasks(
-    cfg: PipelineConfig, stage: str, force: bool, dry_run: bool
-) -> tuple[StagePlan, list[StageTask]]:
+def _plan_tasks(cfg: PipelineConfig, stage: str, force: bool) -> tuple[StagePlan, list[StageTask]]:
     plan = plan_stage(cfg, stage)
     if plan.upstream_stale or ((plan.stale or plan.orphans) and not force):
         raise StageError(_stale_message(cfg, stage, plan))
@@ -380,7 +376,7 @@ def submit_stage(
     if stage == "train":
         raise LaunchError("train: use submit_train (python -m pipeline train --launcher slurm)")
     dry_run = cfg.launcher.dry_run or (cluster is None and not slurm_available())
-    plan, tasks = _plan_tasks(cfg, stage, force, dry_run)
+    plan, tasks = _plan_tasks(cfg, stage, force)
     folder = log_folder(cfg, stage)
     if not tasks:
         print(f"{stage}: nothing to do (every shard done, manifest written)")

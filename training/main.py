@@ -21,6 +21,7 @@ finished run (``final.pt`` and ``manifest.json`` with the same config) is skippe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import sys
@@ -323,7 +324,7 @@ def train_run(
 def _spec(cfg: PipelineConfig, name: str, num_experts: int) -> RunSpec:
     spec = runs.spec_for(cfg, name, num_experts)
     if runs.branches_from_seed(spec, cfg):
-        return runs.spec_for(cfg, name, num_experts, seed_checkpoint(cfg, name))
+        return dataclasses.replace(spec, branch_from=seed_checkpoint(cfg, name))
     return spec
 
 
