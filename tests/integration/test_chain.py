@@ -7,30 +7,9 @@ import csv
 import json
 
 from pipeline import cli
+from tests.tiny import tiny_overrides
 
-TINY = [
-    "demo_data.num_pairs=240",
-    "demo_data.pairs_per_shard=60",
-    "demo_data.eval_per_class=2",
-    "demo_data.retrieval_pairs=16",
-    "demo_data.image_size=32",
-    "run.workers=1",
-    "cluster.num_fine=8",
-    "cluster.num_experts=2",
-    "train.model=mode-micro-vit",
-    "train.batch_size=8",
-    "train.steps=6",
-    "train.seed_steps=4",
-    "train.warmup=1",
-    "train.workers=0",
-    "train.save_every=2",
-    "train.log_every=2",
-    "train.eval_every=0",
-    "train.precision=fp32",
-    "ensemble.batch_size=16",
-    "ensemble.bootstrap_resamples=200",
-    "train.baselines=[dense, random_split]",
-]
+TINY = tiny_overrides()
 
 
 def test_whole_chain_and_noop_rerun(tmp_path, capsys):

@@ -20,6 +20,7 @@ from pipeline import artifacts, cli
 from pipeline.config import load_config
 from pipeline.launch import job_states
 from pipeline.runner import stage_status
+from tests.tiny import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
@@ -28,29 +29,13 @@ SEED_STEPS, EXPERT_STEPS, SAVE_EVERY = 120, 8, 20
 # with other work (setup, the local reference chain, counts towards the first test's limit).
 pytestmark = pytest.mark.timeout(1500)
 
-TINY = [
-    "demo_data.num_pairs=240",
-    "demo_data.pairs_per_shard=60",
-    "demo_data.eval_per_class=2",
-    "demo_data.retrieval_pairs=16",
-    "demo_data.image_size=32",
-    "run.workers=1",
-    "cluster.num_fine=8",
-    "cluster.num_experts=2",
-    "train.model=mode-micro-vit",
-    "train.batch_size=8",
-    f"train.steps={SEED_STEPS + EXPERT_STEPS}",
-    f"train.seed_steps={SEED_STEPS}",
-    "train.warmup=1",
-    "train.workers=0",
-    f"train.save_every={SAVE_EVERY}",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.precision=fp32",
-    "ensemble.batch_size=16",
-    "ensemble.bootstrap_resamples=200",
-    "train.baselines=[dense]",
-]
+TINY = tiny_overrides(
+    train__steps=SEED_STEPS + EXPERT_STEPS,
+    train__seed_steps=SEED_STEPS,
+    train__save_every=SAVE_EVERY,
+    train__log_every=1,
+    train__baselines="[dense]",
+)
 
 # A CPU-only cluster of 2 cores: one core per task, no GPU request (--gpus-per-node=0 overrides the
 # launcher's one-GPU default for embed/cluster/assign/ensemble and the training jobs).
