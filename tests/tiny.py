@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+from pipeline.config import PipelineConfig, dump_yaml, load_config
+
 
 def tiny_overrides(**changes: object) -> list[str]:
     """``--set`` overrides for a chain that runs in seconds; ``changes`` replace or add keys
@@ -31,3 +36,14 @@ def tiny_overrides(**changes: object) -> list[str]:
     }
     sets.update({key.replace("__", "."): value for key, value in changes.items()})
     return [f"{key}={value}" for key, value in sets.items()]
+
+
+def fresh_run(base: object, tmp_path: Path, *overrides: str) -> tuple[PipelineConfig, Path]:
+    """A copy of ``base``'s untrained run (prep + assign) under ``tmp_path``, with extra overrides;
+    ``base`` is a ``training.synthetic.make_synthetic_run`` result. Returns (config, its yaml)."""
+    src = base.cfg.run_dir
+    for stage in ("prep", "assign"):
+        shutil.copytree(src / stage, tmp_path / "runs" / src.name / stage)
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_yaml(base.cfg))
+    return load_config(config, [f"run.root={tmp_path / 'runs'}", *overrides]), config

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-
 import open_clip
 import pytest
 import torch
 
 from pipeline import cli
 from pipeline.artifacts import read_json
-from pipeline.config import dump_yaml, load_config
+from pipeline.config import load_config
 from pipeline.runner import StageError
+from tests.tiny import fresh_run
 from training import checkpoint as ckpt
 from training.main import train_experts, training_status
 from training.metrics import read_metrics
@@ -31,12 +30,7 @@ def base(tmp_path_factory):
 
 def fresh(base, tmp_path, *overrides: str):
     """A copy of the untrained run under ``tmp_path`` with extra overrides."""
-    src = base.cfg.run_dir
-    for stage in ("prep", "assign"):
-        shutil.copytree(src / stage, tmp_path / "runs" / src.name / stage)
-    config = tmp_path / "config.yaml"
-    config.write_text(dump_yaml(base.cfg))
-    return load_config(config, [f"run.root={tmp_path / 'runs'}", *overrides]), config
+    return fresh_run(base, tmp_path, *overrides)
 
 
 def test_all_trains_seed_then_experts_from_it_and_reruns_do_nothing(base, tmp_path, capsys):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from pipeline.config import dump_yaml, load_config
+from pipeline.config import dump_yaml
+from tests.tiny import fresh_run
 from training import checkpoint as ckpt
 from training.dist import DistContext, launcher_env, set_cpu_threads
 from training.main import train_experts
@@ -25,11 +24,7 @@ def base(tmp_path_factory):
 
 
 def fresh(base, tmp_path, *overrides: str):
-    for stage in ("prep", "assign"):
-        shutil.copytree(base.cfg.run_dir / stage, tmp_path / "runs" / base.cfg.run_dir.name / stage)
-    config = tmp_path / "config.yaml"
-    config.write_text(dump_yaml(base.cfg))
-    return load_config(config, [f"run.root={tmp_path / 'runs'}", *overrides])
+    return fresh_run(base, tmp_path, *overrides)[0]
 
 
 def test_fastclip_v3_gets_pair_ids_data_size_and_its_own_tau_lr(base, tmp_path):
