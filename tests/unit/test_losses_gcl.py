@@ -72,23 +72,24 @@ def ref_estimator(image, text, u, tau, keep):
     S = sims(image, text)
     n = S.shape[0]
     g_img, g_txt = torch.zeros_like(image), torch.zeros_like(text)
-    dtau = 0.0
-    for i in range(n):
-        kept = [j for j in range(n) if keep["im"][i, j]]
-        for j in kept:  # image anchor i, negative text j: s_ij = S[i, j]
-            w = math.exp((S[i, j] - S[i, i]) / tau) / (u["im"][i] * len(kept))
-            g_img[i] += w / tau * (text[j] - text[i])
-            g_txt[j] += w / tau * image[i]
-            g_txt[i] -= w / tau * image[i]
-            dtau += -w * (S[i, j] - S[i, i]) / tau**2
-        kept = [j for j in range(n) if keep["tt"][i, j]]
-        for j in kept:  # text anchor i, negative image j: s_ij = S[j, i]
-            w = math.exp((S[j, i] - S[i, i]) / tau) / (u["tt"][i] * len(kept))
-            g_txt[i] += w / tau * (image[j] - image[i])
-            g_img[j] += w / tau * text[i]
-            g_img[i] -= w / tau * text[i]
-            dtau += -w * (S[j, i] - S[i, i]) / tau**2
+    dtau = ref_side(S, image, text, g_img, g_txt, u["im"], keep["im"], tau)  # image anchors
+    dtau += ref_side(S.T, text, image, g_txt, g_img, u["tt"], keep["tt"], tau)  # text anchors
     return g_img / n, g_txt / n, float(dtau) / n
+
+
+def ref_side(S, anchor, other, g_anchor, g_other, u, keep, tau):
+    """One direction of ``ref_estimator``: anchor i, kept negatives j with s_ij = S[i, j]; adds the
+    feature gradients in place and returns the temperature term."""
+    dtau = 0.0
+    for i in range(S.shape[0]):
+        kept = [j for j in range(S.shape[0]) if keep[i, j]]
+        for j in kept:
+            w = math.exp((S[i, j] - S[i, i]) / tau) / (u[i] * len(kept))
+            g_anchor[i] += w / tau * (other[j] - other[i])
+            g_other[j] += w / tau * anchor[i]
+            g_other[i] -= w / tau * anchor[i]
+            dtau += -w * (S[i, j] - S[i, i]) / tau**2
+    return dtau
 
 
 def ref_gamma(epoch, gamma_min, decay):
