@@ -124,7 +124,7 @@ def is_task_dir(path: Path) -> bool:
     """Whether a folder looks like an evaluation task of any supported form."""
     if not path.is_dir() or path.name.startswith((".", "_")):
         return False
-    markers = ("task.json", "classnames.txt")
+    markers = ("task.json", "classnames.txt", "dataset_type.txt")
     return any((path / m).is_file() for m in markers) or any(path.glob("*.csv")) or bool(_class_dirs(path))
 
 
