@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what is done, counts, what is stale")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = sub.add_parser("eval", help="score an open_clip checkpoint or a run's models on task folders (JSON)")
+    _eval_args(sub.add_parser("eval", help="score an open_clip checkpoint or a run's models on task folders (JSON)"))
+    return parser
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", help="open_clip model name or model config .json")
@@ -100,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="local checkpoint for --model (default: random init)")
     p.add_argument("--tasks", nargs="+", default=[], help="task folders or folders of tasks (default data.eval_root)")
     p.add_argument("--output", default=None, help="also write the results as one JSON list to this file")
-    return parser
 
 
 def _parse_range(text: str | None) -> tuple[int, int] | None:

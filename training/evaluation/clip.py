@@ -19,7 +19,8 @@ from training.models import register_model_configs
 
 @dataclass
 class ClipBundle:
-    """A loaded open_clip model with its eval transform and tokenizer."""
+    """A loaded open_clip model with its eval transform and tokenizer (no_grad, not inference_mode: the
+    training-time evaluator encodes with the live model, which trains on afterwards)."""
 
     model: torch.nn.Module
     preprocess: Any
@@ -28,7 +29,7 @@ class ClipBundle:
     autocast: Callable[[], Any] = contextlib.nullcontext
     """Context-manager factory around forward passes (mixed precision during training)."""
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_images(self, images: Iterable[Image.Image], batch_size: int) -> torch.Tensor:
         """L2-normalised float32 image embeddings ``[N, D]`` on the CPU."""
         out = [self._image_batch(torch.stack([self.preprocess(img) for img in batch])) for batch in _batches(images, batch_size)]
@@ -36,14 +37,14 @@ class ClipBundle:
             raise ValueError("no readable images in the task")
         return torch.cat(out)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Like :meth:`encode_images` for images already through ``preprocess`` (``[N, 3, H, W]``)."""
         if not len(pixels):
             raise ValueError("no readable images in the task")
         return torch.cat([self._image_batch(pixels[lo : lo + batch_size]) for lo in range(0, len(pixels), batch_size)])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int) -> torch.Tensor:
         """L2-normalised float32 text embeddings ``[N, D]`` on the CPU."""
         out = []
