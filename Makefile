@@ -14,7 +14,7 @@ FORCE ?=
 ARGS = --config $(CONFIG) --launcher $(LAUNCHER) $(foreach s,$(SET),--set $(s))
 FORCE_ARG = $(if $(FORCE),--force)
 
-.PHONY: help setup demo demo-ablation test test-fast test-slurm prep embed cluster assign add-experts train ensemble ssl linear-eval linear-probe run status bench lint clean-demo shard
+.PHONY: help setup demo demo-ablation test test-fast test-slurm prep embed cluster assign add-experts train ensemble ssl linear-eval linear-probe eval run status bench lint clean-demo shard
 
 help:  ## list targets
 	@echo "MoDE data-expert pipeline. Targets (CONFIG=$(CONFIG)):"
@@ -95,6 +95,9 @@ linear-eval: $(STAMP)  ## linear evaluation of SSL backbones on cached features 
 
 linear-probe: $(STAMP)  ## linear probe of the experts' concatenated features vs the dense model
 	$(CLI) linear-probe $(ARGS)
+
+eval: $(STAMP)  ## score MODEL=<open_clip name> [PRETRAINED=<ckpt>] or RUN=<run dir> on TASKS='<folders>' (JSON; OUTPUT=<file>)
+	$(CLI) eval --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(RUN),--run $(RUN),--model $(or $(MODEL),$(error make eval: set MODEL=<open_clip name> [PRETRAINED=<ckpt>] or RUN=<run dir>))) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(TASKS),--tasks $(TASKS)) $(if $(OUTPUT),--output $(OUTPUT))
 
 run: $(STAMP)  ## every stage in order, skipping finished work
 	$(CLI) run $(ARGS) $(FORCE_ARG)

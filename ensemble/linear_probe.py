@@ -3,7 +3,7 @@
 For every classification task under ``data.eval_root`` that has a ``<task>/train/`` split, each
 model's L2-normalised image embeddings of the train and test images are computed once and cached
 (``<run>/ensemble/linear_probe/features/<model>/<task>_<split>.pt``), then the linear evaluation of
-``training/ssl/linear.py`` (``linear_eval`` section: momentum SGD, no weight decay, batch 1024,
+``training/evaluation/linear_probe.py`` (``linear_eval`` section: momentum SGD, no weight decay, batch 1024,
 90 epochs, standardised features) is fitted on
 
 * ``experts-concat``: the concatenation of all experts' embeddings (E x dim features), the paper's
@@ -27,7 +27,13 @@ import torch
 
 from pipeline.artifacts import file_fingerprint
 from pipeline.config import PipelineConfig
-from training.ssl.linear import cached_features, eval_task_splits, extract_features, train_linear, write_rows
+from training.evaluation.linear_probe import (
+    cached_features,
+    eval_task_splits,
+    extract_features,
+    train_linear,
+    write_rows,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -60,7 +66,7 @@ def probe_models(cfg: PipelineConfig) -> tuple[list[tuple[str, Path]], tuple[str
 def _features(
     cfg: PipelineConfig, name: str, path: Path, tasks: list[Any], device: torch.device
 ) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
-    from ensemble.models import load_clip
+    from training.evaluation.clip import load_clip
 
     bundle = None
     out = {}

@@ -248,6 +248,56 @@ def routing_comparison_lines(routing_rows: Sequence[dict[str, Any]], routed_aver
     return lines
 
 
+def _answer_lines(intervals: Any, resamples: int) -> list[str]:
+    """The paired verdicts against the baselines (or why there are none)."""
+    from ensemble.systems import DESCRIPTIONS
+
+    paired = intervals.paired_rows if intervals is not None else []
+    if not paired:
+        return ["No baseline to compare with (train.baselines is empty, or bootstrap_resamples is 0)."]
+    answer = headline(paired)
+    parts = [answer, ""] if answer else []
+    parts += verdict_lines(paired, DESCRIPTIONS)
+    parts += ["", f"Differences are the routed `ensemble` minus the baseline on the average row, in points, "
+              f"with 95% paired bootstrap intervals over eval items ({resamples} resamples; "
+              "`report_paired.csv` has every row). An interval that contains 0 is no evidence either way."]
+    return parts
+
+
+def _results_lines(models: Sequence[str], formula: str, image_routing: str, table: str) -> list[str]:
+    """What the columns mean, then report.csv as a table."""
+    return [
+        f"Models: {', '.join(models)}. Routing formula: `{formula}` (docs/ensemble.md); retrieval "
+        f"image queries routed by `{image_routing}`.",
+        "",
+        "Scores are percentages. Classification rows: acc1 unless the task names another metric; "
+        "retrieval rows: recall@1 (`image_r@1` = text→image, `text_r@1` = image→text). `expert-max` "
+        "is the best single expert per row (an oracle), `all_unit` the uniform average of the "
+        "experts' logits, `ensemble` the routed weighted sum, `seed` the model the experts branch "
+        "from, and the baselines as in the compute table. Intervals: `report_ci.csv`.",
+        "",
+        "## Results (report.csv)",
+        "",
+        table,
+        "",
+    ]
+
+
+def _routing_lines(routing_rows: Sequence[dict[str, Any]], context: dict[str, Any]) -> list[str]:
+    """The routing section: temperature, formula comparison, per-task weights."""
+    parts = ["## Routing", ""]
+    if context.get("temperature") is not None:
+        parts += [f"Calibrated routing temperature (fitted on the run's training captions): {context['temperature']:.4g}.", ""]
+    parts += [*routing_comparison_lines(routing_rows, context.get("routed_average", {})), ""]
+    parts += ["| task | items | votes | mean dist | weights | entropy (bits) |", "|---|---|---|---|---|---|"]
+    for r in routing_rows:
+        weights = ", ".join(f"{w:.3f}" for w in r["weights"])
+        parts.append(
+            f"| {r['task']} | {r['num_items']} | {r['votes']} | {r['mean_dist']:.3f} | {weights} | {r['entropy_bits']:.2f} |"
+        )
+    return parts
+
+
 def report_markdown(
     *,
     run: str,
@@ -263,48 +313,14 @@ def report_markdown(
     resamples: int = 0,
 ) -> str:
     """The human report: the answer first (paired verdicts), then scores, compute, routing."""
-    from ensemble.systems import DESCRIPTIONS
-
     context = context or {}
-    paired = intervals.paired_rows if intervals is not None else []
     parts = [f"# Ensemble report: run `{run}`", "", "## Do the routed data experts beat the baselines?", ""]
-    if paired:
-        answer = headline(paired)
-        parts += [answer, ""] if answer else []
-        parts += verdict_lines(paired, DESCRIPTIONS)
-        parts += ["", f"Differences are the routed `ensemble` minus the baseline on the average row, in points, "
-                  f"with 95% paired bootstrap intervals over eval items ({resamples} resamples; "
-                  "`report_paired.csv` has every row). An interval that contains 0 is no evidence either way."]
-    else:
-        parts += ["No baseline to compare with (train.baselines is empty, or bootstrap_resamples is 0)."]
+    parts += _answer_lines(intervals, resamples)
     parts += ["", *convergence_lines(context.get("convergence")), ""]
-    parts += [
-        f"Models: {', '.join(models)}. Routing formula: `{formula}` (docs/ensemble.md); retrieval "
-        f"image queries routed by `{image_routing}`.",
-        "",
-        "Scores are percentages. Classification rows: acc1 unless the task names another metric; "
-        "retrieval rows: recall@1 (`image_r@1` = text→image, `text_r@1` = image→text). `expert-max` "
-        "is the best single expert per row (an oracle), `all_unit` the uniform average of the "
-        "experts' logits, `ensemble` the routed weighted sum, `seed` the model the experts branch "
-        "from, and the baselines as in the compute table. Intervals: `report_ci.csv`.",
-        "",
-        "## Results (report.csv)",
-        "",
-        table,
-        "",
-    ]
+    parts += _results_lines(models, formula, image_routing, table)
     if context.get("compute"):
         parts += ["## Training compute", "", *compute_lines(context["compute"], context.get("average", {})), ""]
-    parts += ["## Routing", ""]
-    if context.get("temperature") is not None:
-        parts += [f"Calibrated routing temperature (fitted on the run's training captions): {context['temperature']:.4g}.", ""]
-    parts += [*routing_comparison_lines(routing_rows, context.get("routed_average", {})), ""]
-    parts += ["| task | items | votes | mean dist | weights | entropy (bits) |", "|---|---|---|---|---|---|"]
-    for r in routing_rows:
-        weights = ", ".join(f"{w:.3f}" for w in r["weights"])
-        parts.append(
-            f"| {r['task']} | {r['num_items']} | {r['votes']} | {r['mean_dist']:.3f} | {weights} | {r['entropy_bits']:.2f} |"
-        )
+    parts += _routing_lines(routing_rows, context)
     parts += ["", "## Figures", ""]
     parts += [f"![{Path(img).stem}]({img})" for img in images]
     parts += ["", "## All metrics per task (fractions, clip_benchmark names)", ""]

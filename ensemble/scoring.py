@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from ensemble import stats
-from ensemble.datasets import EvalTask
 from ensemble.stats import ItemScores
 from ensemble.systems import COMPARED, System, system_weights
+from training.evaluation.tasks import EvalTask
 
 ROUTED_PREFIX = "ensemble@"
 """Systems ``ensemble@<formula>``: the experts routed by another formula (routing comparison)."""

@@ -92,7 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what is done, counts, what is stale")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _eval_args(sub.add_parser("eval", help="score an open_clip checkpoint or a run's models on task folders (JSON)"))
     return parser
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model", help="open_clip model name or model config .json")
+    who.add_argument("--run", help="a run folder: scores its seed, experts and baselines (train/*/final.pt)")
+    p.add_argument("--pretrained", default=None, help="local checkpoint for --model (default: random init)")
+    p.add_argument("--tasks", nargs="+", default=[], help="task folders or folders of tasks (default data.eval_root)")
+    p.add_argument("--output", default=None, help="also write the results as one JSON list to this file")
 
 
 def _parse_range(text: str | None) -> tuple[int, int] | None:
@@ -216,6 +227,14 @@ def cmd_linear_probe(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """clip_benchmark-style JSON scores of checkpoints on task folders (training/evaluation/command.py)."""
+    from training.evaluation.command import run_eval
+
+    run_eval(cfg, model=args.model, pretrained=args.pretrained, tasks=args.tasks, run=args.run, output=args.output)
+    return 0
+
+
 def cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """Every stage in order up to ``--until``; finished work is skipped."""
     if cfg.launcher.kind == "slurm":
@@ -319,6 +338,7 @@ COMMANDS = {
     "ssl": cmd_ssl,
     "linear-eval": cmd_linear_eval,
     "linear-probe": cmd_linear_probe,
+    "eval": cmd_eval,
     "run": cmd_run,
     "status": cmd_status,
     "shard": cmd_shard,

@@ -28,12 +28,13 @@ from training.data import (
     resolve_split,
 )
 from training.dist import DistContext
+from training.evaluation.tasks import classification_tasks
+from training.evaluation.zeroshot import ZeroShotEvaluator
 from training.loop import Precision, RunSpec, Teacher, Trainer, TrainState, resolve_precision
 from training.losses import ContrastiveLoss, LossConfig, build_loss, init_student_from_teacher
 from training.metrics import MetricsLogger
 from training.models import ModelBundle, create_model, create_teacher, lock_towers
 from training.optim import ScaleRule, apply_hyperparameters, build_optimizer
-from training.zeroshot import ZeroShotEvaluator, list_classification_tasks
 
 log = logging.getLogger("training")
 
@@ -177,7 +178,7 @@ def build_evaluator(
             "train.eval_every: no eval tasks under %s; zero-shot evaluation is off", cfg.data.eval_root
         )
         return None
-    tasks = list_classification_tasks(cfg.data.eval_root, cfg.train.eval_tasks)
+    tasks = classification_tasks(cfg.data.eval_root, cfg.train.eval_tasks)
     if not tasks:
         log.warning(
             "train.eval_every: no classification task under %s; evaluation is off", cfg.data.eval_root

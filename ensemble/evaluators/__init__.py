@@ -2,7 +2,7 @@
 
 Every evaluator module exposes the same plain functions (the stage calls nothing else):
 
-* ``NAME`` and ``TASK_KIND`` (the :class:`~ensemble.datasets.EvalTask` kind it handles);
+* ``NAME`` and ``TASK_KIND`` (the :class:`~training.evaluation.tasks.EvalTask` kind it handles);
 * ``evaluate(bundle, task, *, batch_size, skipped) -> dict``: run one model on one task and
   return its outputs (tensors saved as ``<run>/ensemble/outputs/<task>/<model>.pt``);
 * ``metrics(outputs) -> Iterator[(metric, value)]``: the metrics of one model's outputs;

@@ -1,75 +1,29 @@
-"""Zero-shot classification (clip_benchmark semantics, MoDE logits).
-
-Per model: every class name is put in every template, embedded, L2-normalised, averaged over
-templates and re-normalised into a ``[D, C]`` classifier. Logits are the raw cosine similarities
-between the normalised image embeddings and that classifier (MoDE: no logit scale, no softmax), so
-the experts' logits can be summed with routing weights. Metrics: ``acc1``, ``acc5`` (NaN below 5
-classes) and ``mean_per_class_recall`` (balanced accuracy over the classes present).
+"""The ``zeroshot`` evaluator of the ensemble: the shared zero-shot classification of
+``training/evaluation/zeroshot.py`` (per-model logits and metrics, logits combined with weights) plus
+what only the ensemble needs: task routing from the class names, per-image scores for the
+intervals and the report row.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ensemble import routing
-from ensemble.datasets import EvalTask, fill_template, iter_classification
 from ensemble.evaluators import Embed, ReportRow, routing_params
-from ensemble.models import ClipBundle
 from ensemble.routing import Centers
 from ensemble.stats import ItemScores
 from pipeline.config import EnsembleConfig
+from training.evaluation.tasks import EvalTask, fill_template
+from training.evaluation.zeroshot import METRICS, combine, combined_metrics, evaluate, metrics
+
+__all__ = ["NAME", "TASK_KIND", "combined_metrics", "evaluate", "item_scores", "metrics", "report_rows", "route"]
 
 NAME = "zeroshot"
 TASK_KIND = "classification"
 DEFAULT_METRIC = "acc1"
-METRICS = ("acc1", "acc5", "mean_per_class_recall")
-
-
-def text_classifier(
-    bundle: ClipBundle, classnames: Sequence[str], templates: Sequence[str], batch_size: int
-) -> torch.Tensor:
-    """``[D, C]`` zero-shot classifier: template-averaged, re-normalised class embeddings."""
-    prompts = [fill_template(t, c) for c in classnames for t in templates]
-    emb = bundle.encode_texts(prompts, batch_size).view(len(classnames), len(templates), -1)
-    return torch.nn.functional.normalize(emb.mean(dim=1), dim=-1).T.contiguous()
-
-
-def evaluate(
-    bundle: ClipBundle, task: EvalTask, *, batch_size: int, skipped: Counter | None = None
-) -> dict[str, Any]:
-    """``{"logits": [N, C] cosine similarities, "targets": [N]}`` of one model on one task."""
-    classifier = text_classifier(bundle, task.classnames, task.templates, batch_size)
-    targets: list[int] = []
-
-    def images() -> Iterator[Any]:
-        for image, label in iter_classification(task, skipped):
-            targets.append(label)
-            yield image
-
-    features = bundle.encode_images(images(), batch_size)
-    return {"logits": features @ classifier, "targets": torch.tensor(targets, dtype=torch.long)}
-
-
-def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """``acc1``, ``acc5`` and ``mean_per_class_recall`` as fractions in [0, 1]."""
-    n, num_classes = logits.shape
-    if n == 0:
-        raise ValueError("zeroshot: no samples to score")
-    order = logits.argsort(dim=1, descending=True, stable=True)
-    correct = order == targets[:, None]
-    acc5 = float(correct[:, :5].any(dim=1).float().mean()) if num_classes >= 5 else math.nan
-    pred = order[:, 0]
-    recalls = [float((pred[targets == c] == c).float().mean()) for c in targets.unique().tolist()]
-    return {
-        "acc1": float(correct[:, 0].float().mean()),
-        "acc5": acc5,
-        "mean_per_class_recall": sum(recalls) / len(recalls),
-    }
 
 
 def item_scores(outputs_list: Sequence[dict[str, Any]], weights: dict[str, torch.Tensor]) -> dict[str, ItemScores]:
@@ -89,26 +43,6 @@ def item_scores(outputs_list: Sequence[dict[str, Any]], weights: dict[str, torch
         "acc5": ItemScores(acc5) if acc5 is not None else None,
         "mean_per_class_recall": ItemScores(top1, targets.numpy()),
     }
-
-
-def metrics(outputs: dict[str, Any]) -> Iterator[tuple[str, float]]:
-    """The metrics of one model's outputs."""
-    yield from classification_metrics(outputs["logits"].float(), outputs["targets"]).items()
-
-
-def combine(outputs_list: Sequence[dict[str, Any]], weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of the models' cosine logits (``weights``: ``[E]``)."""
-    targets = outputs_list[0]["targets"]
-    for out in outputs_list[1:]:
-        if not torch.equal(out["targets"], targets):
-            raise ValueError("zeroshot: models were scored on different samples; rerun the ensemble with --force")
-    stacked = torch.stack([o["logits"].double() for o in outputs_list])
-    return (stacked * weights.double().view(-1, 1, 1)).sum(dim=0)
-
-
-def combined_metrics(outputs_list: Sequence[dict[str, Any]], weights: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Metrics of the logits combined with ``weights["task"]`` (``[E]``)."""
-    return classification_metrics(combine(outputs_list, weights["task"]), outputs_list[0]["targets"])
 
 
 def route(

@@ -14,8 +14,9 @@ from PIL import Image
 from pipeline.cli import main as cli
 from pipeline.config import load_config
 from training import checkpoint as ckpt
+from training.evaluation.linear_probe import train_linear
 from training.metrics import read_metrics
-from training.ssl.linear import run_linear_eval, train_linear
+from training.ssl.linear import run_linear_eval
 from training.ssl.main import run_dir, train_ssl
 
 CLASSES = 3

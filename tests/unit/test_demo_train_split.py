@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 
-from ensemble.datasets import discover_tasks, load_task
 from pipeline.demo_data import TRAIN_SPLIT_FACTOR, generate_demo_data
 from tests.unit.test_demo_data import SMALL, members
-from training.zeroshot import list_classification_tasks
+from training.evaluation.tasks import classification_tasks, discover_tasks, load_task
 
 
 def test_train_splits(tmp_path):
@@ -23,7 +22,7 @@ def test_train_splits(tmp_path):
         train = load_task(root / "eval" / task / "train", task)
         assert all(f.parent.name == "train" for f in train.files)
         assert all(f.parent.name != "train" for f in tests[task].files)
-    zs = {t.name: t.shards for t in list_classification_tasks(root / "eval")}
+    zs = {t.name: t.files for t in classification_tasks(root / "eval")}
     assert all(s.parent.name != "train" for shards in zs.values() for s in shards)
     held = {json.loads(d)["attributes"]["mnist_index"] for p in (root / "eval" / "digits").glob("test-*.tar")
             for n, d in members(p) if n.endswith(".json")}

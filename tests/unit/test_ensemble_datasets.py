@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ensemble.datasets import (
+from tests.conftest import jpeg_bytes, write_shard
+from training.evaluation.tasks import (
     DEFAULT_TEMPLATES,
     discover_tasks,
     fill_template,
@@ -17,7 +18,6 @@ from ensemble.datasets import (
     load_task,
     retrieval_texts,
 )
-from tests.conftest import jpeg_bytes, write_shard
 
 
 def _cls_task(root: Path) -> Path:

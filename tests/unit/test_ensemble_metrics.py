@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensemble.datasets import EvalTask
 from ensemble.evaluators import retrieval, zeroshot
 from ensemble.scoring import score_task
 from ensemble.systems import systems_of
+from training.evaluation import retrieval as ev_retrieval
+from training.evaluation import zeroshot as ev_zeroshot
+from training.evaluation.tasks import EvalTask
 
 
 def test_classification_metrics_by_hand():
@@ -34,7 +36,7 @@ def test_classification_metrics_by_hand():
 
 
 def test_acc5_is_nan_below_five_classes():
-    m = zeroshot.classification_metrics(torch.tensor([[0.2, 0.1], [0.3, 0.4]]), torch.tensor([0, 0]))
+    m = ev_zeroshot.classification_metrics(torch.tensor([[0.2, 0.1], [0.3, 0.4]]), torch.tensor([0, 0]))
     assert m["acc1"] == pytest.approx(0.5) and math.isnan(m["acc5"])
 
 
@@ -44,7 +46,7 @@ def test_weighted_logits_can_flip_the_prediction():
     # uniform: [0.55, 0.35] → class 0 (wrong); [0.25, 0.75]: [0.375, 0.475] → class 1 (right)
     assert zeroshot.combined_metrics([a, b], {"task": torch.tensor([0.5, 0.5])})["acc1"] == 0.0
     assert zeroshot.combined_metrics([a, b], {"task": torch.tensor([0.25, 0.75])})["acc1"] == 1.0
-    assert zeroshot.combine([a, b], torch.tensor([0.25, 0.75]))[0].tolist() == pytest.approx([0.375, 0.475])
+    assert ev_zeroshot.combine([a, b], torch.tensor([0.25, 0.75]))[0].tolist() == pytest.approx([0.375, 0.475])
 
 
 def _retrieval_outputs(similarity: list[list[float]], text_image: list[int]) -> dict:
@@ -60,7 +62,7 @@ TEXT_IMAGE = [0, 0, 1, 2]
 
 def test_retrieval_recalls_by_hand_with_several_captions_per_image():
     out = _retrieval_outputs(SIM_A, TEXT_IMAGE)
-    m = retrieval.retrieval_metrics([out], torch.ones(4, 1), torch.ones(3, 1), ks=(1, 2, 10))
+    m = ev_retrieval.retrieval_metrics([out], torch.ones(4, 1), torch.ones(3, 1), ks=(1, 2, 10))
     # text→image: ranks of the right image: 1, 3, 2, 1
     assert m["image_retrieval_recall@1"] == pytest.approx(2 / 4)
     assert m["image_retrieval_recall@2"] == pytest.approx(3 / 4)
@@ -80,7 +82,7 @@ def test_retrieval_per_query_weights_pick_rows():
     # caption 1 uses expert b (hits image 0 first); the others use expert a
     text_w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     image_w = torch.tensor([[1.0, 0.0]] * 3)
-    m = retrieval.retrieval_metrics([a, b], text_w, image_w, ks=(1,))
+    m = ev_retrieval.retrieval_metrics([a, b], text_w, image_w, ks=(1,))
     assert m["image_retrieval_recall@1"] == pytest.approx(3 / 4)
     assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble.datasets import EvalTask, load_task
 from ensemble.evaluators import retrieval, zeroshot
 from ensemble.routing import Centers, RoutingParams, task_weights
 from pipeline.config import EnsembleConfig
 from tests.conftest import jpeg_bytes, write_shard
+from training.evaluation.tasks import EvalTask, load_task
 
 # two fine centres on the axes, one per expert
 CENTERS = Centers(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]), 2)

@@ -117,8 +117,8 @@ def test_cluster_centres_refuse_a_malicious_file(tmp_path):
 
 
 def test_ensemble_refuses_malicious_weights_and_outputs(tmp_path):
-    from ensemble.models import load_clip
     from ensemble.stage import _cached_meta, load_outputs
+    from training.evaluation.clip import load_clip
 
     marker = tmp_path / "ran"
     path = evil_file(tmp_path / "final.pt", marker)

@@ -1,6 +1,7 @@
 """Evaluation tasks: discovery under ``data.eval_root`` and small readers for three sources.
 
-A task is a folder ``<eval_root>/<task>/`` in one of these forms (docs/ensemble.md):
+Shared by training-time evaluation, the ensemble stage and ``python -m pipeline eval``. A task is a
+folder ``<eval_root>/<task>/`` in one of these forms (docs/ensemble.md):
 
 * **webdataset** (what ``pipeline/demo_data.py`` writes): ``task.json`` with ``{"type":
   "classification", "classnames": [...], "templates": [...]}`` or ``{"type": "retrieval"}`` and
@@ -123,7 +124,7 @@ def is_task_dir(path: Path) -> bool:
     """Whether a folder looks like an evaluation task of any supported form."""
     if not path.is_dir() or path.name.startswith((".", "_")):
         return False
-    markers = ("task.json", "classnames.txt")
+    markers = ("task.json", "classnames.txt", "dataset_type.txt")
     return any((path / m).is_file() for m in markers) or any(path.glob("*.csv")) or bool(_class_dirs(path))
 
 
@@ -256,11 +257,34 @@ def discover_tasks(eval_root: str | Path, names: Sequence[str] = ()) -> list[Eva
     return tasks
 
 
+def classification_tasks(eval_root: str | Path, names: Sequence[str] = (), owner: str = "train.eval_tasks") -> list[EvalTask]:
+    """The classification tasks under ``eval_root`` (every one, or those named, in that order).
+
+    Raises:
+        FileNotFoundError: a named task does not exist.
+        ValueError: a named task is not a classification task.
+    """
+    root = Path(eval_root)
+    for name in names:
+        if not (root / name).is_dir():
+            raise FileNotFoundError(f"{owner}: no task {name} (no folder {root / name})")
+    if not names and not (root.is_dir() and any(is_task_dir(p) for p in root.iterdir())):
+        return []
+    tasks = discover_tasks(root, names)
+    for task in tasks:
+        if names and task.kind != "classification":
+            raise ValueError(f"{owner}: {task.name} is a {task.kind} task, not classification")
+    return [t for t in tasks if t.kind == "classification"]
+
+
 # --------------------------------------------------------------------------- sample readers
 
 
-def _tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Consecutive members sharing a key (basename up to its first dot), as webdataset groups them."""
+def tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Consecutive members sharing a key (basename up to its first dot), as webdataset groups them.
+
+    The one place task shards are read: every reader below goes through it.
+    """
     key, sample = None, {}
     with tarfile.open(path) as tar:
         for member in tar:
@@ -299,7 +323,7 @@ def iter_classification(task: EvalTask, skipped: Counter | None = None) -> Itera
             yield decode_image(path), label
         return
     for tar in task.files:
-        for _, sample in _tar_samples(tar):
+        for _, sample in tar_samples(tar):
             image = _image_bytes(sample)
             if image is None or "cls" not in sample:
                 skipped["no_image_or_cls"] += 1
@@ -322,7 +346,7 @@ def iter_retrieval(task: EvalTask, skipped: Counter | None = None) -> Iterator[t
     """``(image, captions)`` of every image with at least one caption."""
     skipped = skipped if skipped is not None else Counter()
     for tar in task.files:
-        for _, sample in _tar_samples(tar):
+        for _, sample in tar_samples(tar):
             image, texts = _image_bytes(sample), _texts(sample)
             if image is None or not texts:
                 skipped["no_image_or_text"] += 1
@@ -334,7 +358,7 @@ def retrieval_texts(task: EvalTask) -> list[list[str]]:
     """The captions of every kept image, in the order :func:`iter_retrieval` yields them."""
     out = []
     for tar in task.files:
-        for _, sample in _tar_samples(tar):
+        for _, sample in tar_samples(tar):
             texts = _texts(sample)
             if _image_bytes(sample) is not None and texts:
                 out.append(texts)
