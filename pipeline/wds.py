@@ -1,0 +1,230 @@
+"""Webdataset I/O: the one grouping rule, the image extensions, a sample reader and a tar writer.
+
+Every reader and writer of webdataset tars in the project goes through this module (prep, the
+trainer's tar index, the evaluation task readers, the ``shard`` command, the demo and synthetic
+data, tests and benchmarks).
+
+* **Grouping rule** (webdataset's, :func:`webdataset.tariterators.base_plus_ext`): a member's key is
+  its path up to the first dot of its basename, folder prefix kept (``a/b.c/x.y.jpg`` → key
+  ``a/b.c/x``, extension ``y.jpg``); extensions are lower-cased; members without a dot in the
+  basename, directories and webdataset meta members (``__*__``) are ignored; a sample is a run of
+  *consecutive* members with the same key (a key seen again later starts a new sample).
+* **Sources** (:func:`open_source`): a local uncompressed tar is opened as a file (the fast path;
+  the trainer reads those through its ``pread`` index); anything else is a shard URL as webdataset
+  accepts it and is opened with :func:`webdataset.gopen.gopen`: ``pipe:<command>``,
+  ``http(s)://`` (curl), ``file:``, and gzip-compressed ``.tar.gz`` / ``.tgz`` (decompressed as a
+  stream). Both go through the same member loop, so a shard gives the same samples however it is
+  reached.
+* **Bad input**: a damaged member header is skipped block by block up to the next valid header
+  (``ignore_zeros``), so it costs its own pair, not the rest of the shard. A shard that cannot be
+  read (or a pipe that fails) ends that shard's samples: counted as ``corrupt_tar`` and logged
+  when the caller passes a ``skipped`` counter, else raised as one-line :class:`ShardReadError`.
+* **Writer** (:class:`TarWriter`, :func:`write_tar`): deterministic bytes (USTAR headers, fixed
+  mtime, uid/gid 0, empty user/group names, mode 0644), written via ``<path>.tmp`` and renamed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger("pipeline.wds")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+"""Image member extensions the readers look for, in order of preference."""
+FIXED_MTIME = 1704067200
+"""2024-01-01T00:00:00Z: the tar header time of every generated shard (byte-identical output)."""
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz")
+_URL = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://|file:)")
+_META = re.compile(r"__[^/]*__($|/)")
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # == webdataset.tariterators.base_plus_ext
+
+Sample = tuple[str, dict[str, bytes]]
+
+
+class ShardReadError(ValueError):
+    """A shard could not be read (one line: the shard and the cause)."""
+
+
+# --------------------------------------------------------------------------- the grouping rule
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """(key, lower-case extension) of a member name by webdataset's rule; None when it has no key."""
+    match = _KEY.match(name)
+    if match is None:
+        return None
+    return match.group(1), match.group(2).lower()
+
+
+def group_members(members: Iterable[tuple[str, bytes]]) -> Iterator[Sample]:
+    """Group ``(name, bytes)`` members into ``(key, {ext: bytes})`` samples of consecutive members."""
+    current, group = None, {}
+    for name, data in members:
+        parsed = split_key(name)
+        if parsed is None or _META.match(name):
+            continue
+        key, ext = parsed
+        if key != current and group:
+            yield current, group
+            group = {}
+        current = key
+        group[ext] = data
+    if group:
+        yield current, group
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def is_url(source: str | Path) -> bool:
+    """True for a shard URL (``pipe:``, ``scheme://``, ``file:``) rather than a plain path."""
+    return bool(_URL.match(str(source)))
+
+
+def is_compressed(source: str | Path) -> bool:
+    """True for a gzip-compressed shard name (``.tar.gz`` / ``.tgz``)."""
+    return str(source).lower().endswith(COMPRESSED_SUFFIXES)
+
+
+def is_local_tar(source: str | Path) -> bool:
+    """True when ``source`` is an existing, uncompressed local tar file (random access possible)."""
+    return not is_url(source) and not is_compressed(source) and os.path.isfile(source)
+
+
+def open_source(source: str | Path) -> IO[bytes]:
+    """A binary stream of a shard: a local file, or webdataset's ``gopen`` for URLs."""
+    if not is_url(source):
+        return open(source, "rb")
+    from webdataset.gopen import gopen
+
+    return gopen(str(source), "rb")
+
+
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def iter_members(source: str | Path, errors: list[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """``(name, bytes)`` of every regular member of a shard, in tar order.
+
+    Args:
+        source: Local path or shard URL (see :func:`open_source`).
+        errors: When given, an unreadable shard (or a failing pipe) ends the members and its
+            one-line cause is appended here; when None the error is raised.
+    """
+    try:
+        stream = open_source(source)
+        try:
+            # ignore_zeros: a corrupt header is skipped block by block up to the next valid one,
+            # so one damaged member costs its own pair, not every pair after it.
+            with tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True) as tar:
+                for member in tar:
+                    if member.isfile():
+                        yield member.name, tar.extractfile(member).read()
+                    tar.members = []  # a stream needs no member list: constant memory per shard
+        finally:
+            stream.close()  # a pipe reports its exit status here
+    except _READ_ERRORS as exc:
+        if errors is None:
+            raise
+        errors.append(_reason(exc))
+
+
+def iter_samples(source: str | Path, skipped: Counter | None = None) -> Iterator[Sample]:
+    """Grouped samples ``(key, {ext: bytes})`` of one shard path or URL, in tar order.
+
+    The one sample reader: prep and the evaluation task readers call it.
+
+    Args:
+        source: Local tar, ``.tar.gz``/``.tgz``, or a webdataset URL (``pipe:cmd``, ``http(s)://``).
+        skipped: When given, an unreadable shard ends its samples (those read before the damage
+            are kept) and counts ``corrupt_tar`` (logged); when None it raises :class:`ShardReadError`.
+    """
+    errors: list[str] = []
+    yield from group_members(iter_members(source, errors))
+    if errors:
+        if skipped is None:
+            raise ShardReadError(f"{source}: cannot read tar ({errors[0]})")
+        skipped["corrupt_tar"] += 1
+        log.warning("%s: corrupt or unreadable tar, rest of the shard skipped (%s)", source, errors[0])
+
+
+def image_ext(sample: dict[str, bytes], exts: Iterable[str] = IMAGE_EXTS) -> str | None:
+    """The first of ``exts`` the sample has (its image member), or None."""
+    return next((e for e in exts if e in sample), None)
+
+
+def shard_stem(source: str | Path) -> str:
+    """A shard's path or URL without its tar suffix (``.tar``, ``.tar.gz``, ``.tgz``)."""
+    text = str(source)
+    for suffix in (*COMPRESSED_SUFFIXES, ".tar"):
+        if text.lower().endswith(suffix):
+            return text[: -len(suffix)]
+    return text
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class TarWriter:
+    """Write a tar with deterministic headers via ``<path>.tmp``, renamed on a clean close.
+
+    Args:
+        path: The tar to write (its folder is created).
+        mtime: Header time of every member (default :data:`FIXED_MTIME`).
+    """
+
+    def __init__(self, path: str | Path, mtime: int = FIXED_MTIME) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.mtime = mtime
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.size = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        """Append one member."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), self.mtime, 0o644
+        info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
+        self.tar.addfile(info, io.BytesIO(data))
+        self.size += 512 + -(-len(data) // 512) * 512
+
+    def add_sample(self, key: str, sample: dict[str, bytes | str]) -> None:
+        """Append the members ``<key>.<ext>`` of one sample, in the dict's order (str is utf-8)."""
+        for ext, data in sample.items():
+            self.add(f"{key}.{ext}", data.encode("utf-8") if isinstance(data, str) else data)
+
+    def close(self, keep: bool = True) -> None:
+        """Finish the tar and move it into place (``keep=False``: discard it)."""
+        self.tar.close()
+        if keep:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, etype, value, traceback) -> None:
+        self.close(keep=etype is None)
+
+
+def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]], mtime: int = FIXED_MTIME) -> Path:
+    """Write ``(name, bytes)`` members, in order, to a deterministic tar; returns ``path``."""
+    with TarWriter(path, mtime) as writer:
+        for name, data in members:
+            writer.add(name, data)
+    return Path(path)
