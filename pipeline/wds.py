@@ -228,3 +228,50 @@ def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]], mtime: int
         for name, data in members:
             writer.add(name, data)
     return Path(path)
+
+
+class ShardSeries:
+    """Samples into numbered tars (``pattern % i``: ``000000.tar``, ...), each a :class:`TarWriter`.
+
+    A tar is opened at its first sample and closed (renamed from ``.tmp``) once it holds
+    ``max_count`` samples or ``max_bytes`` bytes; the next sample starts the next tar.
+
+    Args:
+        pattern: ``%``-pattern of the tar paths, e.g. ``out/%06d.tar``.
+        max_count: Samples per tar (> 0).
+        max_bytes: Size target per tar in bytes (> 0).
+        mtime: Header time of every member.
+    """
+
+    def __init__(self, pattern: str, max_count: int, max_bytes: float, mtime: int = FIXED_MTIME) -> None:
+        self.pattern, self.max_count, self.max_bytes, self.mtime = pattern, max_count, max_bytes, mtime
+        self.written: list[Path] = []
+        self._writer: TarWriter | None = None
+        self._count = 0
+
+    def write(self, key: str, sample: dict[str, bytes | str]) -> None:
+        """Append one sample, starting a new tar when the current one is full."""
+        if self._writer is not None and (self._count >= self.max_count or self._writer.size >= self.max_bytes):
+            self._finish()
+        if self._writer is None:
+            self._writer = TarWriter(self.pattern % len(self.written), self.mtime)
+            self._count = 0
+        self._writer.add_sample(key, sample)
+        self._count += 1
+
+    def _finish(self, keep: bool = True) -> None:
+        if self._writer is not None:
+            self._writer.close(keep)
+            if keep:
+                self.written.append(self._writer.path)
+            self._writer = None
+
+    def close(self, keep: bool = True) -> None:
+        """Close the last tar (``keep=False``: discard it, e.g. after an error)."""
+        self._finish(keep)
+
+    def __enter__(self) -> ShardSeries:
+        return self
+
+    def __exit__(self, etype, value, traceback) -> None:
+        self.close(keep=etype is None)
