@@ -127,19 +127,114 @@ def iter_members(source: str | Path, errors: list[str] | None = None) -> Iterato
     try:
         stream = open_source(source)
         try:
-            # ignore_zeros: a corrupt header is skipped block by block up to the next valid one,
-            # so one damaged member costs its own pair, not every pair after it.
-            with tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True) as tar:
-                for member in tar:
-                    if member.isfile():
-                        yield member.name, tar.extractfile(member).read()
-                    tar.members = []  # a stream needs no member list: constant memory per shard
+            local = not is_url(source) and not is_compressed(source)
+            yield from (_local_members(stream) if local else _tarfile_members(stream))
         finally:
             stream.close()  # a pipe reports its exit status here
     except _READ_ERRORS as exc:
         if errors is None:
             raise
         errors.append(_reason(exc))
+
+
+def _tarfile_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """The members of a tar stream (any compression ``tarfile`` detects), with ``tarfile``."""
+    # ignore_zeros: a corrupt header is skipped block by block up to the next valid one, so one
+    # damaged member costs its own pair, not every pair after it.
+    with tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True) as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, tar.extractfile(member).read()
+            tar.members = []  # a stream needs no member list: constant memory per shard
+
+
+# The local fast path: tarfile's reading rules (``r|*`` with ``ignore_zeros``) for plain ustar/GNU
+# headers, without building a TarInfo per member (tarfile's per-member cost is most of a bare read
+# of small members). Extension headers (pax, GNU long names, sparse) and compressed content are
+# handed to tarfile at the header where they start.
+_BLOCK = 512
+_FILE_TYPES = frozenset((b"0", b"\0", b"7"))  # regular members: yielded
+_NO_DATA_TYPES = frozenset((b"1", b"2", b"3", b"4", b"5", b"6"))  # links, dirs, devices: no data blocks
+_EXTENDED_TYPES = frozenset((b"L", b"K", b"S", b"x", b"g", b"X"))  # left to tarfile
+_GNU_TYPES = frozenset((b"L", b"K", b"S"))
+_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+
+
+def _compressed(head: bytes) -> bool:
+    """What ``tarfile``'s ``r|*`` detects as gzip, bz2 or xz."""
+    return head.startswith((b"\x1f\x8b\x08", b"\x5d\x00\x00\x80", b"\xfd7zXZ")) or (
+        head[0:3] == b"BZh" and head[4:10] == b"1AY&SY"
+    )
+
+
+def _number(field: bytes) -> int:
+    """tarfile's ``nti`` (octal, or GNU base-256); ValueError where tarfile finds the header invalid."""
+    if field[0] in (0o200, 0o377):
+        return tarfile.nti(field)
+    end = field.find(b"\0")
+    text = (field if end < 0 else field[:end]).decode("ascii")
+    return int(text.strip() or "0", 8)
+
+
+def _text(field: bytes) -> str:
+    end = field.find(b"\0")
+    return (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
+
+
+def _header(buf: bytes) -> tuple[str, bytes, int] | None:
+    """(name, type, size) of a header block; None for one ``ignore_zeros`` skips (zeros, bad checksum, bad number)."""
+    if buf.count(0) == _BLOCK:
+        return None
+    try:
+        chksum = _number(buf[148:156])
+        if chksum != 256 + sum(buf[:148]) + sum(buf[156:]) and chksum not in tarfile.calc_chksums(buf):
+            return None
+        for lo, hi in _NUMBER_FIELDS:
+            _number(buf[lo:hi])
+        size = _number(buf[124:136])
+    except ValueError:
+        return None
+    name, kind, prefix = _text(buf[0:100]), buf[156:157], _text(buf[345:500])
+    if kind == b"\0" and name.endswith("/"):
+        kind = b"5"
+    if prefix and kind not in _GNU_TYPES:
+        name = prefix + "/" + name
+    return name, kind, size
+
+
+def _local_members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """The regular members of an uncompressed local tar, read as tarfile's stream mode reads them."""
+    file_size, offset = os.fstat(f.fileno()).st_size, 0
+    while True:
+        buf = f.read(_BLOCK)
+        if offset == 0 and _compressed(buf):
+            f.seek(0)
+            yield from _tarfile_members(f)
+            return
+        if len(buf) < _BLOCK:
+            if offset == 0:
+                raise tarfile.ReadError("empty file" if not buf else "truncated header")
+            return
+        head = _header(buf)
+        if head is not None and head[1] in _EXTENDED_TYPES:
+            f.seek(offset)
+            yield from _tarfile_members(f)
+            return
+        offset += _BLOCK
+        if head is None:
+            continue
+        name, kind, size = head
+        if kind in _NO_DATA_TYPES:
+            continue
+        if kind in _FILE_TYPES:
+            data = f.read(size)
+            if len(data) != size:
+                raise tarfile.ReadError("unexpected end of data")
+            yield name, data
+        offset += -(-size // _BLOCK) * _BLOCK
+        if offset > file_size:
+            raise tarfile.ReadError("unexpected end of data")
+        f.seek(offset)
 
 
 def iter_samples(source: str | Path, skipped: Counter | None = None) -> Iterator[Sample]:

@@ -125,3 +125,69 @@ def test_shard_series_cuts_by_count_and_size(tmp_path):
         for i in range(4):
             small.write(f"{i}", {"txt": "x", "json": "{}"})  # 2 KiB per sample
     assert len(small.written) == 4 and not list(tmp_path.glob("*.tmp"))
+
+
+def _both_readers(path: Path) -> tuple[list, list]:
+    """(members, error) from the local fast path and from tarfile's stream reader."""
+    out = []
+    for reader in (wds._local_members, wds._tarfile_members):
+        members, error = [], None
+        with open(path, "rb") as fh:
+            try:
+                members.extend(reader(fh))
+            except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+                error = type(exc).__name__
+        out.append((members, error))
+    return out[0], out[1]
+
+
+def _fuzz_source(tmp_path: Path) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [("a.jpg", jpeg_bytes()), ("a.json", b"{}" * 300), ("d/", None), ("zero.txt", b""),
+                           ("p" * 120 + "/long.txt", b"gnu long name"), ("b.txt", b"x" * 512)]:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    plain = wds.write_tar(tmp_path / "u.tar", [("x/y.z.jpg", b"1" * 700), ("q" * 90 + "/" + "r" * 50 + ".txt", b"ustar prefix")])
+    return plain.read_bytes() + buf.getvalue()  # ustar (prefix names), then GNU ending in a long name
+
+
+def test_local_fast_path_reads_exactly_as_tarfile_does(tmp_path):
+    import random
+
+    original = _fuzz_source(tmp_path)
+    rng = random.Random(1)
+    victim = tmp_path / "v.tar"
+    for case in range(400):
+        buf = bytearray(original)
+        if case % 4 == 0:
+            buf = buf[: rng.randrange(len(buf) + 1)]
+        elif case % 4 == 1:
+            for _ in range(rng.randint(1, 4)):
+                buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+        elif case % 4 == 2:  # damage inside a header block
+            block = rng.randrange(len(buf) // 512)
+            buf[block * 512 + rng.randrange(512)] ^= 0xFF
+        else:
+            pos = rng.randrange(len(buf) // 512) * 512
+            buf[pos:pos] = bytes(512 * rng.randint(1, 2))
+        victim.write_bytes(bytes(buf))
+        fast, slow = _both_readers(victim)
+        assert fast == slow, case
+    for lo, hi in [(100, 108), (116, 124), (124, 136), (337, 345)]:  # a bad number, a valid checksum
+        buf = bytearray(original)
+        buf[lo:hi] = b"9z\xff" + bytes(hi - lo - 3)
+        buf[148:156] = b"%06o\0 " % (256 + sum(buf[:148]) + sum(buf[156:512]))
+        victim.write_bytes(bytes(buf))
+        fast, slow = _both_readers(victim)
+        assert fast == slow and len(fast[0]) == 6, (lo, hi)
+    victim.write_bytes(original)
+    fast, slow = _both_readers(victim)
+    assert fast == slow and len(fast[0]) == 7 and fast[1] is None
