@@ -69,7 +69,7 @@ def group_members(members: Iterable[tuple[str, bytes]]) -> Iterator[Sample]:
     current, group = None, {}
     for name, data in members:
         parsed = split_key(name)
-        if parsed is None or _META.match(name):
+        if parsed is None or (name.startswith("__") and _META.match(name)):
             continue
         key, ext = parsed
         if key != current and group:
@@ -157,7 +157,12 @@ _FILE_TYPES = frozenset((b"0", b"\0", b"7"))  # regular members: yielded
 _NO_DATA_TYPES = frozenset((b"1", b"2", b"3", b"4", b"5", b"6"))  # links, dirs, devices: no data blocks
 _EXTENDED_TYPES = frozenset((b"L", b"K", b"S", b"x", b"g", b"X"))  # left to tarfile
 _GNU_TYPES = frozenset((b"L", b"K", b"S"))
-_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))
+# The usual spelling of the number fields (octal digits ended by NUL or space; empty device numbers):
+# checked with one match instead of field by field.
+_USUAL_NUMBERS = re.compile(rb"(?:[0-7]{7}[\0 ]){3}(?:[0-7]{11}[\0 ]){2}")
+_USUAL_DEVICES = re.compile(rb"(?:[0-7]{7}[\0 ]|\0{8}){2}")
+_USUAL_CHKSUM = re.compile(rb"[0-7]{6}\0 ")
 
 
 def _compressed(head: bytes) -> bool:
@@ -186,15 +191,16 @@ def _header(buf: bytes) -> tuple[str, bytes, int] | None:
     if buf.count(0) == _BLOCK:
         return None
     try:
-        chksum = _number(buf[148:156])
-        if chksum != 256 + sum(buf[:148]) + sum(buf[156:]) and chksum not in tarfile.calc_chksums(buf):
+        chksum = int(buf[148:154], 8) if _USUAL_CHKSUM.fullmatch(buf, 148, 156) else _number(buf[148:156])
+        if chksum != 256 + sum(buf) - sum(buf[148:156]) and chksum not in tarfile.calc_chksums(buf):
             return None
-        for lo, hi in _NUMBER_FIELDS:
-            _number(buf[lo:hi])
-        size = _number(buf[124:136])
+        if not (_USUAL_NUMBERS.fullmatch(buf, 100, 148) and _USUAL_DEVICES.fullmatch(buf, 329, 345)):
+            for lo, hi in _NUMBER_FIELDS:  # anything else: tarfile's exact rule
+                _number(buf[lo:hi])
+        size = int(buf[124:135], 8) if buf[124:135].isdigit() else _number(buf[124:136])
     except ValueError:
         return None
-    name, kind, prefix = _text(buf[0:100]), buf[156:157], _text(buf[345:500])
+    name, kind, prefix = _text(buf[0:100]), buf[156:157], _text(buf[345:500]) if buf[345] else ""
     if kind == b"\0" and name.endswith("/"):
         kind = b"5"
     if prefix and kind not in _GNU_TYPES:

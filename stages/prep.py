@@ -122,7 +122,8 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
 
 def _read_tar(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterator[tuple[str, str, str | None]]:
     for key, group in wds.iter_samples(src.path, skipped):
-        caption = _caption_from_group(cfg, key, group, skipped)
+        parsed: dict[str, Any] = {}  # the JSON member, parsed once for the caption and the label
+        caption = _caption_from_group(cfg, key, group, skipped, parsed)
         if caption is None:
             continue
         image_ext = next((e for e in cfg.prep.image_keys if e in group), None)
@@ -132,21 +133,22 @@ def _read_tar(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterato
         if not _image_ok(group[image_ext], cfg.prep.verify_images):
             skipped["bad_image"] += 1
             continue
-        yield key, caption, _label(group, cfg.prep.label_field)
+        yield key, caption, _label(group, cfg.prep.label_field, parsed)
 
 
-def _label(group: dict[str, bytes], field_name: str) -> str | None:
+def _label(group: dict[str, bytes], field_name: str, parsed: dict[str, Any]) -> str | None:
     """Optional diagnostic label from the JSON member (e.g. the demo's ``domain``)."""
     if not field_name or "json" not in group:
         return None
     try:
-        value = json.loads(group["json"]).get(field_name)
+        obj = parsed["json"] if "json" in parsed else json.loads(group["json"])
+        value = obj.get(field_name)
     except (ValueError, AttributeError):
         return None
     return None if value is None else str(value)
 
 
-def _caption_from_group(cfg, key: str, group: dict[str, bytes], skipped: Counter) -> str | None:
+def _caption_from_group(cfg, key: str, group: dict[str, bytes], skipped: Counter, parsed: dict) -> str | None:
     ext = next((e for e in cfg.prep.caption_keys if e in group), None)
     if ext is None:
         skipped["missing_caption"] += 1
@@ -158,7 +160,8 @@ def _caption_from_group(cfg, key: str, group: dict[str, bytes], skipped: Counter
         return None
     if ext == "json":
         try:
-            text = _caption_from_json(json.loads(text), cfg, key)
+            parsed["json"] = json.loads(text)
+            text = _caption_from_json(parsed["json"], cfg, key)
         except (json.JSONDecodeError, TypeError, ValueError):
             skipped["bad_json"] += 1
             return None
