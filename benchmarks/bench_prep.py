@@ -82,7 +82,7 @@ def _shard_set(name: str, args: argparse.Namespace, tmp: Path) -> tuple[Path, li
         make_shards(root, args.shards, args.pairs)
         return root, [], f"synthetic {args.shards}x{args.pairs}, 64 px"
     if name == "demo":
-        from pipeline.demo_data import generate_demo_data
+        from pipeline.demo import generate_demo_data
 
         generate_demo_data(tmp / "demo_data", num_pairs=args.demo_pairs, image_size=32, pairs_per_shard=1000,
                            eval_per_class=1, retrieval_pairs=0, workers=2, progress=False)

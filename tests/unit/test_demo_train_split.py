@@ -7,7 +7,7 @@ import json
 import shutil
 
 from ensemble.datasets import discover_tasks, load_task
-from pipeline.demo_data import TRAIN_SPLIT_FACTOR, generate_demo_data
+from pipeline.demo import TRAIN_SPLIT_FACTOR, generate_demo_data
 from tests.unit.test_demo_data import SMALL, members
 from training.zeroshot import list_classification_tasks
 
