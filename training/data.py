@@ -458,6 +458,7 @@ class StreamedShard:
     path: str
     members: dict[str, dict[str, bytes]] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
+    _held: list | None = field(default=None, repr=False)
 
     def select(self, keys: Collection[str]) -> None:
         """Make sure the members of ``keys`` are held (streams the shard when some are not)."""
@@ -467,13 +468,19 @@ class StreamedShard:
         self.members = {k: s for k, s in wds.iter_samples(self.path) if k in wanted}
         self.order = list(self.members)
 
+    def hold(self, picks: list[tuple[str, int]]) -> None:
+        """Make sure the pairs of ``picks`` (a selection's ``(key, pair id)`` list) are held."""
+        if picks is not self._held:
+            self.select([key for key, _ in picks])
+            self._held = picks
+
     def read(self, key: str) -> dict[str, bytes]:
         """Every member of ``key`` (selected before)."""
         return self.members[key]
 
     def close(self) -> None:
         """Drop the held pairs."""
-        self.members, self.order = {}, []
+        self.members, self.order, self._held = {}, [], None
 
 
 ShardReader = TarIndex | CsvIndex | StreamedShard
@@ -527,7 +534,11 @@ class ShardCache:
             self._picks[(shard, epoch)] = [(k, chosen[k]) for k in reader.order if k in chosen]
             if len(self._picks) > self.capacity:
                 self._picks.popitem(last=False)
-        return self._picks[(shard, epoch)]
+        picks = self._picks[(shard, epoch)]
+        reader = self.reader(shard)
+        if isinstance(reader, StreamedShard):
+            reader.hold(picks)  # a streamed shard evicted and reopened streams its pairs again
+        return picks
 
 
 # --------------------------------------------------------------------------- decoding

@@ -192,11 +192,15 @@ def test_shards_behind_a_pipe_url_are_streamed_with_the_same_batches(base, tmp_p
     assert [s.path for s in piped.shards] == [f"pipe:cat {s.path}" for s in local.shards]
     assert isinstance(open_shard(piped.shards[0], piped), StreamedShard)
 
-    def batches(data):
-        stream = ExpertStream(data, StreamLayout("shards", 0, 1, 2, 8, 16), None, "mode-micro-vit")
-        cache = ShardCache(data)
-        return [stream.batch_pair_ids(b, cache) for b in range(12)]
+    def batches(data, capacity):
+        stream = ExpertStream(data, StreamLayout("samples", 0, 1, 1, 8, 64), None, "mode-micro-vit")
+        cache, out = ShardCache(data, capacity), []
+        for batch in range(24):
+            for epoch, shard, ordinal in stream.batch_sources(batch):
+                key, pair_id = cache.picks(shard, epoch)[ordinal]
+                out.append((pair_id, cache.reader(shard).read(key)["jpg"]))
+        return out
 
-    assert batches(piped) == batches(local)
+    assert batches(piped, 2) == batches(local, 4)  # a 64-pair window over 48-pair shards: evictions
     results = train_experts(cfg, "seed", progress=False)
     assert [(r["run"], r["state"], r["step"]) for r in results] == [("seed", "done", 4)]
