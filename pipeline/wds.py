@@ -1,20 +1,21 @@
 """Webdataset I/O: the one grouping rule, the image extensions, a sample reader and a tar writer.
 
-Every reader and writer of webdataset tars in the project goes through this module (prep, the
-trainer's tar index, the evaluation task readers, the ``shard`` command, the demo and synthetic
-data, tests and benchmarks).
+Readers and writers of webdataset tars go through this module: prep, the trainer (member keys, and
+streaming of shards that are not local tars), the ``shard`` command, the demo and synthetic data,
+tests and benchmarks; the evaluation task readers are to call :func:`iter_samples`.
 
 * **Grouping rule** (webdataset's, :func:`webdataset.tariterators.base_plus_ext`): a member's key is
   its path up to the first dot of its basename, folder prefix kept (``a/b.c/x.y.jpg`` → key
   ``a/b.c/x``, extension ``y.jpg``); extensions are lower-cased; members without a dot in the
   basename, directories and webdataset meta members (``__*__``) are ignored; a sample is a run of
   *consecutive* members with the same key (a key seen again later starts a new sample).
-* **Sources** (:func:`open_source`): a local uncompressed tar is opened as a file (the fast path;
-  the trainer reads those through its ``pread`` index); anything else is a shard URL as webdataset
-  accepts it and is opened with :func:`webdataset.gopen.gopen`: ``pipe:<command>``,
-  ``http(s)://`` (curl), ``file:``, and gzip-compressed ``.tar.gz`` / ``.tgz`` (decompressed as a
-  stream). Both go through the same member loop, so a shard gives the same samples however it is
-  reached.
+* **Sources** (:func:`open_source`, :func:`iter_members`): a local uncompressed tar is read by a
+  fast path that parses plain ustar/GNU headers exactly as ``tarfile``'s stream mode does (and
+  hands pax / GNU long-name / sparse headers to ``tarfile``); the trainer indexes such tars for
+  ``pread`` instead (``training/data.py``). A shard URL as webdataset accepts it (``pipe:<command>``,
+  ``http(s)://`` via curl, ``file:``) is opened with :func:`webdataset.gopen.gopen`, and it and a
+  gzip-compressed ``.tar.gz`` / ``.tgz`` are read by ``tarfile`` as a stream. Every path ends in
+  the same grouping, so a shard gives the same samples however it is reached.
 * **Bad input**: a damaged member header is skipped block by block up to the next valid header
   (``ignore_zeros``), so it costs its own pair, not the rest of the shard. A shard that cannot be
   read (or a pipe that fails) ends that shard's samples: counted as ``corrupt_tar`` and logged
@@ -44,7 +45,9 @@ FIXED_MTIME = 1704067200
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz")
 _URL = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://|file:)")
 _META = re.compile(r"__[^/]*__($|/)")
-_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # == webdataset.tariterators.base_plus_ext
+# webdataset.tariterators.base_plus_ext's pattern (tests/unit/test_wds.py checks they agree); the
+# package itself is imported only to open URLs, since importing it costs ~2 s (it imports torch).
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 Sample = tuple[str, dict[str, bytes]]
 
