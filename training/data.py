@@ -105,7 +105,7 @@ class ExpertData:
     seed: int
     num_pairs: int
     """Pairs in the whole dataset (prep's ``num_pairs``; the losses' ``data_size``)."""
-    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    image_keys: tuple[str, ...] = wds.IMAGE_EXTS
     caption_keys: tuple[str, ...] = ("txt", "json")
     json_fields: tuple[str, ...] = ("caption", "texts")
     csv_options: tuple[str, str, str] = (",", "filepath", "caption")
