@@ -118,7 +118,7 @@ def _parse_range(text: str | None) -> tuple[int, int] | None:
 
 def cmd_demo_data(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """Generate the demo data set (idempotent)."""
-    from pipeline.demo_data import generate_demo_data
+    from pipeline.demo import generate_demo_data
 
     d = cfg.demo_data
     summary = generate_demo_data(

@@ -86,12 +86,14 @@ class DataConfig:
     ``train`` holds one or more sources joined with ``::``. A source is a brace-expanded tar list
     (``data/cc3m/{00000..00331}.tar``), a MoDE sharded-folder pattern (``data/demo/{0..200000}.tar``
     where shard ``i`` lives at ``data/demo/<i % 100>/<i>.tar``; picked automatically when the flat
-    file does not exist, or forced with ``layout: mode``), a folder (every ``*.tar`` below it) or a
-    CSV file with ``filepath,caption`` columns.
+    file does not exist, or forced with ``layout: mode``), a folder (every ``*.tar`` below it), a
+    CSV file with ``filepath,caption`` columns, gzip-compressed ``.tar.gz``/``.tgz`` shards, or shard
+    URLs as webdataset accepts them (``pipe:aws s3 cp s3://b/{0..9}.tar -``, ``http(s)://...``),
+    which are streamed (``pipeline/wds.py``).
     """
 
     train: str = "data/demo/train/{0..19}.tar"
-    """Sources joined with ``::`` (brace list, MoDE sharded pattern, folder, or CSV)."""
+    """Sources joined with ``::`` (brace list, MoDE sharded pattern, folder, CSV, ``.tar.gz``, or shard URLs: ``pipe:``, ``http(s)://``)."""
     layout: Literal["auto", "flat", "mode"] = "auto"
     """``auto``: MoDE's ``<i % 100>/<i>.tar`` when the flat file is missing; ``flat``; ``mode``."""
     eval_root: str = "data/demo/eval"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import artifacts
+from pipeline import artifacts, wds
 from pipeline.config import PipelineConfig
 from pipeline.runner import Shard
 from stages.sources import InputShard, expand_sources
@@ -72,13 +71,19 @@ def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
     """One shard per input tar / CSV file, fingerprinted by its content (cached per path/size/mtime)."""
     inputs, _missing = expand_sources(cfg.data.train, cfg.data.layout)
     digests = artifacts.DigestCache(stage_dir)
-    digests.prefetch([s.path for s in inputs], workers=max(1, cfg.run.workers) * 2)
+    digests.prefetch([s.path for s in inputs if not wds.is_url(s.path)], workers=max(1, cfg.run.workers) * 2)
     shards = [
-        Shard(s.name, digests.fingerprint(s.path), {"path": s.path, "kind": s.kind, "source": s.source})
+        Shard(s.name, _fingerprint(digests, s.path), {"path": s.path, "kind": s.kind, "source": s.source})
         for s in inputs
     ]
     digests.save()
     return shards
+
+
+def _fingerprint(digests: artifacts.DigestCache, path: str) -> str:
+    """A local file by its content; a URL by itself (reading a remote shard twice to hash it is
+    what streaming avoids: a changed object behind the same URL needs ``--force``)."""
+    return artifacts.object_digest({"url": path}) if wds.is_url(path) else digests.fingerprint(path)
 
 
 def caption_path(stage_dir: Path, shard: str) -> Path:
@@ -115,36 +120,10 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
 # --------------------------------------------------------------------------- tar reading
 
 
-def _member_groups(path: str, skipped: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) groups of consecutive members sharing a key (webdataset rule)."""
-    current, group = None, {}
-    try:
-        # ignore_zeros: a corrupt header is skipped block by block up to the next valid one, so
-        # one damaged member costs its own pair, not every pair after it.
-        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                prefix = member.name.rsplit("/", 1)[0] + "/" if "/" in member.name else ""
-                key, ext = base.split(".", 1)
-                key = prefix + key
-                if key != current and group:
-                    yield current, group
-                    group = {}
-                current = key
-                group[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError, ValueError):
-        skipped["corrupt_tar"] += 1
-    if group:
-        yield current, group
-
-
 def _read_tar(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterator[tuple[str, str, str | None]]:
-    for key, group in _member_groups(src.path, skipped):
-        caption = _caption_from_group(cfg, key, group, skipped)
+    for key, group in wds.iter_samples(src.path, skipped):
+        parsed: dict[str, Any] = {}  # the JSON member, parsed once for the caption and the label
+        caption = _caption_from_group(cfg, key, group, skipped, parsed)
         if caption is None:
             continue
         image_ext = next((e for e in cfg.prep.image_keys if e in group), None)
@@ -154,21 +133,22 @@ def _read_tar(cfg: PipelineConfig, src: InputShard, skipped: Counter) -> Iterato
         if not _image_ok(group[image_ext], cfg.prep.verify_images):
             skipped["bad_image"] += 1
             continue
-        yield key, caption, _label(group, cfg.prep.label_field)
+        yield key, caption, _label(group, cfg.prep.label_field, parsed)
 
 
-def _label(group: dict[str, bytes], field_name: str) -> str | None:
+def _label(group: dict[str, bytes], field_name: str, parsed: dict[str, Any]) -> str | None:
     """Optional diagnostic label from the JSON member (e.g. the demo's ``domain``)."""
     if not field_name or "json" not in group:
         return None
     try:
-        value = json.loads(group["json"]).get(field_name)
+        obj = parsed["json"] if "json" in parsed else json.loads(group["json"])
+        value = obj.get(field_name)
     except (ValueError, AttributeError):
         return None
     return None if value is None else str(value)
 
 
-def _caption_from_group(cfg, key: str, group: dict[str, bytes], skipped: Counter) -> str | None:
+def _caption_from_group(cfg, key: str, group: dict[str, bytes], skipped: Counter, parsed: dict) -> str | None:
     ext = next((e for e in cfg.prep.caption_keys if e in group), None)
     if ext is None:
         skipped["missing_caption"] += 1
@@ -180,7 +160,8 @@ def _caption_from_group(cfg, key: str, group: dict[str, bytes], skipped: Counter
         return None
     if ext == "json":
         try:
-            text = _caption_from_json(json.loads(text), cfg, key)
+            parsed["json"] = json.loads(text)
+            text = _caption_from_json(parsed["json"], cfg, key)
         except (json.JSONDecodeError, TypeError, ValueError):
             skipped["bad_json"] += 1
             return None

@@ -12,7 +12,7 @@ Inputs:
 * a folder: every image below it (sorted) with a caption in a sidecar of the same stem: ``<stem>.txt``
   (the caption) or ``<stem>.json`` (its ``caption`` field, or one of ``texts``).
 
-Output: ``<out>/000000.tar, 000001.tar, ...`` (webdataset ``ShardWriter``), one pair per key
+Output: ``<out>/000000.tar, 000001.tar, ...`` (``pipeline.wds.ShardSeries``), one pair per key
 ``<9-digit ordinal>`` with members ``jpg`` (a JPEG is copied byte for byte, other formats are
 re-encoded to JPEG at quality 95), ``txt`` (the caption) and ``json``
 (``{"caption", "source"}``, source = the image path as the input named it). A shard is closed when
@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,10 +34,11 @@ from typing import Any
 
 from PIL import Image
 
+from pipeline import wds
 from pipeline.artifacts import write_json
 from pipeline.config import ConfigError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = tuple(f".{e}" for e in (*wds.IMAGE_EXTS, "bmp", "gif", "tif", "tiff"))
 _MTIME = 1704067200  # fixed tar header time: the same input gives the same bytes
 
 
@@ -133,71 +133,16 @@ def write_shards(
         ConfigError: the input is missing or not a CSV/folder, the CSV lacks the columns, the
             limits are not positive, or ``out`` already holds tars (without ``force``).
     """
-    import webdataset as wds
-    from tqdm import tqdm
-
     source, out = Path(source), Path(out)
     if max_size_mb <= 0 or max_count <= 0:
         raise ConfigError(f"shard: --max-size-mb ({max_size_mb}) and --max-count ({max_count}) must be > 0")
     skipped: Counter = Counter()
-    if source.is_file() and source.suffix.lower() in (".csv", ".tsv"):
-        items = _csv_items(source, csv_separator, csv_img_key, csv_caption_key, skipped)
-    elif source.is_dir():
-        items = _folder_items(source, skipped)
-    else:
-        raise ConfigError(f"shard: --input {source} is neither a .csv/.tsv file nor a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    old = sorted(out.glob("*.tar"))
-    if old and not force:
-        raise ConfigError(f"shard: {out} already holds {len(old)} tar(s); use another --out or --force")
-    for path in [*old, *out.glob("*.tar.tmp"), out / "shards.json"]:
-        path.unlink(missing_ok=True)
-
-    written: list[str] = []
-
-    def done(tmp: str) -> None:
-        final = tmp[: -len(".tmp")]
-        os.replace(tmp, final)
-        written.append(Path(final).name)
-
-    count = 0
-    bar = tqdm(desc="shard", unit="pair", disable=not progress)
-    writer = wds.ShardWriter(
-        str(out / "%06d.tar.tmp"), maxcount=max_count, maxsize=max_size_mb * 1e6, post=done, verbose=0,
-        mtime=_MTIME, user="", group="",
-    )
-    try:
-        for named, image, caption in items:
-            try:
-                caption.encode("utf-8")
-            except UnicodeEncodeError:
-                skipped["missing_caption"] += 1
-                continue
-            caption = caption.strip()
-            if not caption:
-                skipped["empty_caption"] += 1
-                continue
-            try:
-                data = image.read_bytes()
-            except OSError:
-                skipped["missing_image"] += 1
-                continue
-            jpeg = _jpeg(data)
-            if jpeg is None:
-                skipped["bad_image"] += 1
-                continue
-            meta = json.dumps({"caption": caption, "source": named}, sort_keys=True, ensure_ascii=False)
-            writer.write({"__key__": f"{count:09d}", "jpg": jpeg, "txt": caption, "json": meta.encode("utf-8")})
-            count += 1
-            bar.update(1)
-            bar.set_postfix(shards=len(written) + 1, skipped=sum(skipped.values()), refresh=False)
-    finally:
-        writer.close()
-        bar.close()
-    if count == 0:
-        for name in written:
-            (out / name).unlink(missing_ok=True)
-        written.clear()
+    items = _items(source, csv_separator, csv_img_key, csv_caption_key, skipped)
+    _clear_out(out, force)
+    series = wds.ShardSeries(str(out / "%06d.tar"), max_count, max_size_mb * 1e6, mtime=_MTIME)
+    with series:
+        count = _write_pairs(items, series, skipped, progress)
+    written = [p.name for p in series.written]
     summary = {
         "input": str(source),
         "num_pairs": count,
@@ -210,3 +155,64 @@ def write_shards(
     }
     write_json(out / "shards.json", summary)
     return summary
+
+
+def _items(source: Path, separator: str, img_key: str, caption_key: str, skipped: Counter) -> Iterator[tuple[str, Path, str]]:
+    """(name as the input gives it, image file, caption) of every input pair."""
+    if source.is_file() and source.suffix.lower() in (".csv", ".tsv"):
+        return _csv_items(source, separator, img_key, caption_key, skipped)
+    if source.is_dir():
+        return _folder_items(source, skipped)
+    raise ConfigError(f"shard: --input {source} is neither a .csv/.tsv file nor a folder")
+
+
+def _clear_out(out: Path, force: bool) -> None:
+    """Create ``out``; refuse (or, with ``force``, remove) tars already there."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = sorted(out.glob("*.tar"))
+    if old and not force:
+        raise ConfigError(f"shard: {out} already holds {len(old)} tar(s); use another --out or --force")
+    for path in [*old, *out.glob("*.tar.tmp"), out / "shards.json"]:
+        path.unlink(missing_ok=True)
+
+
+def _pair(image: Path, caption: str, skipped: Counter) -> tuple[bytes, str] | None:
+    """(JPEG bytes, stripped caption) of one input pair, or None (counted in ``skipped``)."""
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        skipped["missing_caption"] += 1
+        return None
+    caption = caption.strip()
+    if not caption:
+        skipped["empty_caption"] += 1
+        return None
+    try:
+        data = image.read_bytes()
+    except OSError:
+        skipped["missing_image"] += 1
+        return None
+    jpeg = _jpeg(data)
+    if jpeg is None:
+        skipped["bad_image"] += 1
+        return None
+    return jpeg, caption
+
+
+def _write_pairs(items: Iterator[tuple[str, Path, str]], series: wds.ShardSeries, skipped: Counter, progress: bool) -> int:
+    """Write every good pair as ``<9-digit ordinal>.{jpg,txt,json}``; returns the pairs written."""
+    from tqdm import tqdm
+
+    count = 0
+    with tqdm(desc="shard", unit="pair", disable=not progress) as bar:
+        for named, image, caption in items:
+            pair = _pair(image, caption, skipped)
+            if pair is None:
+                continue
+            jpeg, caption = pair
+            meta = json.dumps({"caption": caption, "source": named}, sort_keys=True, ensure_ascii=False)
+            series.write(f"{count:09d}", {"jpg": jpeg, "json": meta.encode("utf-8"), "txt": caption})
+            count += 1
+            bar.update(1)
+            bar.set_postfix(shards=len(series.written) + 1, skipped=sum(skipped.values()), refresh=False)
+    return count

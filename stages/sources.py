@@ -7,7 +7,13 @@ Forms accepted (several joined with ``::``):
   ``root/<i % 100>/<i>.tar`` (used when ``data.layout`` is ``mode``, or ``auto`` and the flat file
   is missing);
 * a folder: every ``*.tar`` below it, sorted;
-* ``file.csv`` / ``file.tsv``: one shard of ``filepath,caption`` rows (paths relative to the CSV).
+* ``file.csv`` / ``file.tsv``: one shard of ``filepath,caption`` rows (paths relative to the CSV);
+* gzip-compressed shards (``dir/{0..9}.tar.gz``, ``.tgz``) and shard URLs as webdataset accepts
+  them, brace patterns included: ``pipe:<command>`` (e.g. ``pipe:aws s3 cp s3://b/{0..9}.tar -``,
+  ``pipe:cat dir/{0..9}.tar``) and ``http(s)://host/dir/{0..9}.tar``. These are read as streams
+  (``pipeline/wds.py``); a URL's shard is named like the same file listed as a path (``s0_3`` for
+  ``.../3.tar``), so a dataset moved to an object store keeps its pair ids; a URL that fails is
+  counted as ``corrupt_tar`` when prep reads it (its existence cannot be checked when listing).
 
 Missing shards of a source are not an error here (MoDE ranges often have gaps); they are reported
 by count. A source that matches no file at all is an error (raised when prep lists its inputs,
@@ -21,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
+
+from pipeline import wds
 
 _NUMERIC_TAR = re.compile(r"^(\d+)\.tar$")
 
@@ -49,12 +57,39 @@ def _shard_name(source: int, path: Path, root: Path) -> str:
         rel = path.relative_to(root)
     except ValueError:
         rel = Path(path.name)
-    stem = str(rel.with_suffix("")).replace("/", "_").replace("\\", "_")
+    return _name(source, str(rel))
+
+
+def _name(source: int, rel: str) -> str:
+    stem = wds.shard_stem(rel)
+    if stem == rel:
+        stem = str(Path(rel).with_suffix(""))
+    stem = stem.replace("/", "_").replace("\\", "_")
     return f"s{source}_{stem}"
+
+
+def _url_token(text: str) -> str:
+    """The word of a URL spec that names the shard (``pipe:cat dir/3.tar`` → ``dir/3.tar``)."""
+    words = text.split()
+    return next((w for w in reversed(words) if wds.shard_stem(w) != w or "{" in w), words[-1])
+
+
+def _expand_url(spec: str, source: int) -> list[InputShard]:
+    """Shard URLs of a (brace) pattern; named by their path below the pattern's folder."""
+    token = _url_token(spec)
+    root = token.split("{", 1)[0].rsplit("/", 1)[0] if "{" in token else token.rsplit("/", 1)[0]
+    shards = []
+    for item in braceexpand.braceexpand(spec):
+        path = _url_token(item)
+        rel = path[len(root) + 1 :] if root and path.startswith(root + "/") else path.rsplit("/", 1)[-1]
+        shards.append(InputShard(_name(source, rel), item, "tar", source))
+    return shards
 
 
 def _expand_one(spec: str, source: int, layout: str) -> tuple[list[InputShard], int]:
     spec = spec.strip()
+    if wds.is_url(spec):
+        return _expand_url(spec, source), 0
     p = Path(spec)
     if p.suffix.lower() in (".csv", ".tsv"):
         if not p.is_file():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -23,20 +22,11 @@ def jpeg_bytes(color=(200, 30, 30), size: int = 16) -> bytes:
     return buf.getvalue()
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """Write a tar with the given (name, bytes) members, in order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            add_member(tar, name, data)
-    return path
+    """Write a tar with the given (name, bytes) members, in order (``pipeline.wds`` writer, mtime 0)."""
+    from pipeline import wds
+
+    return wds.write_tar(path, members, mtime=0)
 
 
 def pair_members(key: str, caption: str, *, as_json: bool = True, color=(200, 30, 30)) -> list[tuple[str, bytes]]:

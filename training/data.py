@@ -26,8 +26,10 @@ resume exact and runs reproducible:
 
 Resuming after ``n`` batches skips positions arithmetically (no reading). A shard is read through a
 per-kind reader (:func:`open_shard`): a tar's members with ``os.pread`` from an index of the tar
-(offsets of each member), so only the pairs a worker needs are read (tars must be uncompressed local
-files, as prep listed them); a CSV shard (OpenCLIP's ``--dataset-type csv``) from the image files its
+(offsets of each member), so only the pairs a worker needs are read (a local uncompressed tar); a tar
+that is not one (a ``pipe:``/``http(s)://`` URL or a ``.tar.gz``, see ``pipeline/wds.py``) is streamed
+front to back keeping only the pairs selected for the epoch (:class:`StreamedShard`, the cluster filter
+of MoDE's streaming loader) with the same keys, order and batches; a CSV shard (OpenCLIP's ``--dataset-type csv``) from the image files its
 rows name, relative to the CSV, with the caption of the row. Both give the same keys prep recorded, so
 order, selection, resume and splitting do not depend on the kind.
 """
@@ -45,7 +47,7 @@ import random
 import struct
 import tarfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -57,6 +59,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import wds
 from pipeline.artifacts import read_manifest
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.runner import StageError
@@ -102,7 +105,7 @@ class ExpertData:
     seed: int
     num_pairs: int
     """Pairs in the whole dataset (prep's ``num_pairs``; the losses' ``data_size``)."""
-    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    image_keys: tuple[str, ...] = wds.IMAGE_EXTS
     caption_keys: tuple[str, ...] = ("txt", "json")
     json_fields: tuple[str, ...] = ("caption", "texts")
     csv_options: tuple[str, str, str] = (",", "filepath", "caption")
@@ -348,13 +351,8 @@ def _trim(cache: OrderedDict, capacity: int) -> None:
 
 
 def member_key(name: str) -> tuple[str, str] | None:
-    """(key, lower-case extension) of a tar member, by the webdataset rule prep uses."""
-    base = name.rsplit("/", 1)[-1]
-    if "." not in base:
-        return None
-    prefix = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
-    key, ext = base.split(".", 1)
-    return prefix + key, ext.lower()
+    """(key, lower-case extension) of a tar member, by the webdataset rule prep uses (:mod:`pipeline.wds`)."""
+    return wds.split_key(name)
 
 
 @dataclass
@@ -447,16 +445,56 @@ class CsvIndex:
         """Nothing to close (each image is opened and closed on read)."""
 
 
-ShardReader = TarIndex | CsvIndex
+@dataclass
+class StreamedShard:
+    """A tar that is not a local uncompressed file (a ``pipe:``/``http(s)://`` URL, a ``.tar.gz``).
+
+    It cannot be indexed, so it is streamed front to back (:func:`pipeline.wds.iter_samples`) and
+    only the pairs selected for the epoch are kept (the cluster filter, as MoDE's loader streams
+    its shards): memory is the selected pairs of the shards a reader has open (``ShardCache``'s
+    capacity), not the dataset. Selections of later epochs re-stream the shard.
+    """
+
+    path: str
+    members: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    _held: list | None = field(default=None, repr=False)
+
+    def select(self, keys: Collection[str]) -> None:
+        """Make sure the members of ``keys`` are held (streams the shard when some are not)."""
+        if all(k in self.members for k in keys):
+            return
+        wanted = set(keys) | set(self.members)
+        self.members = {k: s for k, s in wds.iter_samples(self.path) if k in wanted}
+        self.order = list(self.members)
+
+    def hold(self, picks: list[tuple[str, int]]) -> None:
+        """Make sure the pairs of ``picks`` (a selection's ``(key, pair id)`` list) are held."""
+        if picks is not self._held:
+            self.select([key for key, _ in picks])
+            self._held = picks
+
+    def read(self, key: str) -> dict[str, bytes]:
+        """Every member of ``key`` (selected before)."""
+        return self.members[key]
+
+    def close(self) -> None:
+        """Drop the held pairs."""
+        self.members, self.order, self._held = {}, [], None
+
+
+ShardReader = TarIndex | CsvIndex | StreamedShard
 SHARD_READERS = ("tar", "csv")
 """Shard kinds the trainer reads (prep's ``shards.parquet`` ``kind``)."""
 
 
 def open_shard(info: ShardInfo, data: ExpertData) -> ShardReader:
-    """The reader of one shard, by its kind."""
+    """The reader of one shard, by its kind: a local tar is indexed, any other tar is streamed."""
     if info.kind == "csv":
         return CsvIndex.build(info.path, *data.csv_options)
-    return TarIndex.build(info.path)
+    if wds.is_local_tar(info.path):
+        return TarIndex.build(info.path)
+    return StreamedShard(info.path)
 
 
 class ShardCache:
@@ -485,6 +523,8 @@ class ShardCache:
         if (shard, epoch) not in self._picks:
             chosen = self.data.selected(shard, epoch)
             reader = self.reader(shard)
+            if isinstance(reader, StreamedShard):
+                reader.select(chosen)
             missing = [k for k in chosen if k not in reader.members]
             if missing:
                 raise ValueError(
@@ -494,7 +534,11 @@ class ShardCache:
             self._picks[(shard, epoch)] = [(k, chosen[k]) for k in reader.order if k in chosen]
             if len(self._picks) > self.capacity:
                 self._picks.popitem(last=False)
-        return self._picks[(shard, epoch)]
+        picks = self._picks[(shard, epoch)]
+        reader = self.reader(shard)
+        if isinstance(reader, StreamedShard):
+            reader.hold(picks)  # a streamed shard evicted and reopened streams its pairs again
+        return picks
 
 
 # --------------------------------------------------------------------------- decoding

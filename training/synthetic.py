@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from pipeline import wds
 from pipeline.artifacts import write_json
 from pipeline.config import PipelineConfig, load_config
 
@@ -68,12 +68,6 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime = len(data), 1704067200
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_train_tars(
     folder: Path,
     num_shards: int,
@@ -91,15 +85,13 @@ def write_train_tars(
     labels = {}
     for shard in range(num_shards):
         rng = np.random.default_rng([seed, shard])
-        with tarfile.open(folder / f"{shard}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        with wds.TarWriter(folder / f"{shard}.tar") as tar:
             for i in range(per_shard):
                 key, label = f"{shard:03d}_{i:05d}", int(rng.integers(num_classes))
                 texts = [t.format(CLASSES[label]) for t in _CAPTIONS]
                 meta = {"texts": texts, "label": CLASSES[label], "label_id": label}
-                _add(tar, f"{key}.json", json.dumps(meta).encode())
-                if with_txt:
-                    _add(tar, f"{key}.txt", texts[0].encode())
-                _add(tar, f"{key}.jpg", _jpeg(draw(label, rng, size)))
+                tar.add_sample(key, {"json": json.dumps(meta)} | ({"txt": texts[0]} if with_txt else {}))
+                tar.add(f"{key}.jpg", _jpeg(draw(label, rng, size)))
                 labels[key] = label
     return labels
 
@@ -129,11 +121,10 @@ def write_eval_task(
     folder = root / "shapes"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 999])
-    with tarfile.open(folder / "test-0.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+    with wds.TarWriter(folder / "test-0.tar") as tar:
         for i in range(per_class * num_classes):
             label = i % num_classes
-            _add(tar, f"e{i:05d}.jpg", _jpeg(draw(label, rng, size)))
-            _add(tar, f"e{i:05d}.cls", str(label).encode())
+            tar.add_sample(f"e{i:05d}", {"jpg": _jpeg(draw(label, rng, size)), "cls": str(label)})
     write_json(
         folder / "task.json",
         {
@@ -216,16 +207,28 @@ def make_synthetic_run(
     """
     from pipeline.runner import run_stage
 
+    labels, train = _write_train_data(root, num_shards, per_shard, image_size, seed, with_txt, csv)
+    write_eval_task(root / "data" / "eval", eval_per_class, image_size, seed)
+    cfg = load_config(None, _run_overrides(root, train, seed, num_experts) + list(overrides or []))
+    run_stage(cfg, "prep", progress=False)
+    write_assign(cfg, labels, num_experts)
+    return SyntheticRun(cfg, labels, num_experts)
+
+
+def _write_train_data(
+    root: Path, num_shards: int, per_shard: int, image_size: int, seed: int, with_txt: bool, csv: bool
+) -> tuple[dict[str, int], str]:
+    """The training pairs (tars, or one CSV) under ``root/data``: (key → class id, ``data.train``)."""
     if csv:
         labels = write_train_csv(root / "data" / "csv", num_shards * per_shard, image_size, seed)
-        train = str(root / "data" / "csv" / "train.csv")
-    else:
-        labels = write_train_tars(
-            root / "data" / "train", num_shards, per_shard, image_size, seed, with_txt=with_txt
-        )
-        train = f"{root / 'data' / 'train'}/{{0..{num_shards - 1}}}.tar"
-    write_eval_task(root / "data" / "eval", eval_per_class, image_size, seed)
-    base = [
+        return labels, str(root / "data" / "csv" / "train.csv")
+    labels = write_train_tars(root / "data" / "train", num_shards, per_shard, image_size, seed, with_txt=with_txt)
+    return labels, f"{root / 'data' / 'train'}/{{0..{num_shards - 1}}}.tar"
+
+
+def _run_overrides(root: Path, train: str, seed: int, num_experts: int) -> list[str]:
+    """The config of the tiny run: micro ViT, fp32, in-process reading, a few steps."""
+    return [
         f"run.root={root / 'runs'}",
         "run.name=synthetic",
         f"run.seed={seed}",
@@ -245,7 +248,3 @@ def make_synthetic_run(
         "train.log_every=1",
         "train.eval_every=0",
     ]
-    cfg = load_config(None, base + list(overrides or []))
-    run_stage(cfg, "prep", progress=False)
-    write_assign(cfg, labels, num_experts)
-    return SyntheticRun(cfg, labels, num_experts)

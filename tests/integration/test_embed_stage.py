@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 from pipeline import artifacts
 from pipeline.config import load_config
 from pipeline.runner import StageError, run_stage
+from tests.conftest import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -39,15 +39,10 @@ def _jpeg() -> bytes:
 def _write_tars(folder: Path) -> None:
     jpg = _jpeg()
     for i, texts in enumerate(SHARD_TEXTS):
-        with tarfile.open(folder / f"{i}.tar", "w") as tar:
-            for j, text in enumerate(texts):
-                for name, data in (
-                    (f"k{i}_{j}.json", json.dumps({"texts": [text]}).encode()),
-                    (f"k{i}_{j}.jpg", jpg),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        members = []
+        for j, text in enumerate(texts):
+            members += [(f"k{i}_{j}.json", json.dumps({"texts": [text]}).encode()), (f"k{i}_{j}.jpg", jpg)]
+        write_shard(folder / f"{i}.tar", members)
 
 
 def _overrides(root: Path, name: str) -> list[str]:

@@ -143,3 +143,33 @@ def test_cli_prep_twice_says_nothing_to_do(tmp_path, mode_shards, capsys):
     assert cli.main(argv) == 0
     assert cli.main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_piped_and_gzipped_shards_give_the_same_rows_as_plain_tars(tmp_path):
+    import gzip
+
+    root = tmp_path / "flat"
+    for s in range(3):
+        members = []
+        for i in range(4):
+            members += pair_members(f"d{s}/{i:03d}", f"caption {s} {i}", as_json=bool(i % 2))
+        write_shard(root / f"{s}.tar", members)
+        (root / f"{s}.tar.gz").write_bytes(gzip.compress((root / f"{s}.tar").read_bytes()))
+    rows = {}
+    for name, train in [
+        ("plain", f"{root}/{{0..2}}.tar"),
+        ("pipe", f"pipe:cat {root}/{{0..2}}.tar"),
+        ("gzip", f"{root}/{{0..2}}.tar.gz"),
+    ]:
+        cfg = load_config(None, overrides(tmp_path, train, f"run.name={name}", "prep.verify_images=decode"))
+        assert run_stage(cfg, "prep", progress=False)["ran"] == 3
+        rows[name] = captions(cfg.run_dir)
+    assert len(rows["plain"]) == 12 and rows["plain"][5]["key"] == "d1/001"
+    assert rows["pipe"] == rows["plain"] and rows["gzip"] == rows["plain"]
+
+
+def test_a_failing_shard_url_is_counted_not_fatal(tmp_path, mode_shards):
+    train = f"{mode_shards}/0/0.tar::pipe:cat {tmp_path}/absent/{{7..8}}.tar"
+    cfg = load_config(None, overrides(tmp_path, train))
+    manifest = run_stage(cfg, "prep", progress=False)["manifest"]
+    assert manifest["num_pairs"] == 4 and manifest["counts"]["skipped"]["corrupt_tar"] == 2

@@ -8,14 +8,14 @@ import torch
 
 from pipeline import cli
 from pipeline.artifacts import read_json
-from pipeline.config import load_config
-from pipeline.runner import StageError
+from pipeline.config import dump_yaml, load_config
+from pipeline.runner import StageError, run_stage
 from tests.tiny import fresh_run
 from training import checkpoint as ckpt
 from training.main import train_experts, training_status
 from training.metrics import read_metrics
 from training.optim import cosine_lr
-from training.synthetic import make_synthetic_run
+from training.synthetic import make_synthetic_run, write_assign
 
 BASE = ["train.workers=1", "train.batch_size=16", "train.steps=8", "train.seed_steps=4", "train.save_every=2"]
 
@@ -164,3 +164,37 @@ def test_training_lowers_the_loss_and_beats_chance_zero_shot(base, tmp_path):
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
     accuracy = read_json(run_dir / "manifest.json")["zeroshot"]["zeroshot/shapes/top1"]
     assert accuracy > 0.6  # 4 classes: chance is 0.25
+
+
+def test_shards_behind_a_pipe_url_are_streamed_with_the_same_batches(base, tmp_path):
+    from training.data import (
+        ExpertStream,
+        ShardCache,
+        StreamedShard,
+        StreamLayout,
+        load_expert_data,
+        open_shard,
+    )
+
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_yaml(base.cfg))
+    piped_train = f"pipe:cat {base.cfg.data.train}"  # pipe:cat <root>/data/train/{0..3}.tar
+    cfg = load_config(config, [f"run.root={tmp_path / 'runs'}", f"data.train={piped_train}"])
+    run_stage(cfg, "prep", progress=False)
+    write_assign(cfg, base.labels, base.num_experts)
+    piped, local = load_expert_data(cfg, 0), load_expert_data(base.cfg, 0)
+    assert [s.path for s in piped.shards] == [f"pipe:cat {s.path}" for s in local.shards]
+    assert isinstance(open_shard(piped.shards[0], piped), StreamedShard)
+
+    def batches(data, capacity):
+        stream = ExpertStream(data, StreamLayout("samples", 0, 1, 1, 8, 64), None, "mode-micro-vit")
+        cache, out = ShardCache(data, capacity), []
+        for batch in range(24):
+            for epoch, shard, ordinal in stream.batch_sources(batch):
+                key, pair_id = cache.picks(shard, epoch)[ordinal]
+                out.append((pair_id, cache.reader(shard).read(key)["jpg"]))
+        return out
+
+    assert batches(piped, 2) == batches(local, 4)  # a 64-pair window over 48-pair shards: evictions
+    results = train_experts(cfg, "seed", progress=False)
+    assert [(r["run"], r["state"], r["step"]) for r in results] == [("seed", "done", 4)]

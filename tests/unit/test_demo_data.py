@@ -1,4 +1,4 @@
-"""Tests for the deterministic demo-data generator (pipeline/demo_data.py)."""
+"""Tests for the deterministic demo-data generator (the pipeline/demo package)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import demo_data
-from pipeline.demo_data import ALL_DOMAINS, MANIFEST_NAME, generate_demo_data
+from pipeline.demo import (
+    ALL_DOMAINS,
+    MANIFEST_NAME,
+    MNIST_HELDOUT_PER_CLASS,
+    digits,
+    generate,
+    generate_demo_data,
+)
 
 SMALL = {"num_pairs": 400, "pairs_per_shard": 100, "eval_per_class": 3, "retrieval_pairs": 40}
 
@@ -120,8 +126,8 @@ def test_eval_never_overlaps_training(run_a: tuple[Path, dict]) -> None:
     root, _ = run_a
     train = train_samples(root)
     train_mnist = {s["attributes"]["mnist_index"] for s in train if s["domain"] == "digits"}
-    heldout = {int(row) for rows in demo_data._mnist_split()[1] for row in rows}
-    assert len(heldout) == 10 * demo_data.MNIST_HELDOUT_PER_CLASS and not train_mnist & heldout
+    heldout = {int(row) for rows in digits.mnist_split()[1] for row in rows}
+    assert len(heldout) == 10 * MNIST_HELDOUT_PER_CLASS and not train_mnist & heldout
     train_jpgs = {hashlib.sha256(s["_jpg"]).digest() for s in train}
     for task in [*ALL_DOMAINS, "retrieval"]:
         for sample in eval_samples(root, task):
@@ -180,7 +186,7 @@ def test_second_call_is_idempotent(run_a: tuple[Path, dict], monkeypatch: pytest
     def fail(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("regenerated although the manifest matches")
 
-    monkeypatch.setattr(demo_data, "_execute", fail)
+    monkeypatch.setattr(generate, "execute", fail)
     assert generate_demo_data(root, workers=1, progress=False, **SMALL) == summary
     with pytest.raises(FileExistsError, match="seed"):
         generate_demo_data(root, seed=5, progress=False, **SMALL)

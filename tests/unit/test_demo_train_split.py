@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from pipeline.demo_data import TRAIN_SPLIT_FACTOR, generate_demo_data
+from pipeline.demo import TRAIN_SPLIT_FACTOR, generate_demo_data
 from tests.unit.test_demo_data import SMALL, members
 from training.evaluation.tasks import classification_tasks, discover_tasks, load_task
 

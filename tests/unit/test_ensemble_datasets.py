@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from pathlib import Path
@@ -42,6 +43,31 @@ def test_webdataset_classification(tmp_path):
     items = list(iter_classification(task, skipped))
     assert [label for _, label in items] == [1, 0, 1]
     assert items[0][0].mode == "RGB" and skipped == {"no_image_or_cls": 1}
+
+
+def test_task_shards_as_urls_and_gzip_read_the_same(tmp_path):
+    """task.json may list webdataset URLs (``pipe:``) and the folder may hold ``.tar.gz`` shards."""
+    plain = load_task(_cls_task(tmp_path / "plain"))
+    tar = tmp_path / "plain" / "digits" / "test-000000.tar"
+    piped = tmp_path / "piped" / "digits"
+    piped.mkdir(parents=True)
+    info = json.loads((tar.parent / "task.json").read_text())
+    (piped / "task.json").write_text(json.dumps({**info, "shards": [f"pipe:cat {tar}"]}))
+    zipped = tmp_path / "zipped" / "digits"
+    zipped.mkdir(parents=True)
+    (zipped / "task.json").write_text(json.dumps(info))
+    (zipped / "test-000000.tar.gz").write_bytes(gzip.compress(tar.read_bytes()))
+
+    def read(task):
+        skipped: Counter = Counter()
+        return [(image.tobytes(), label) for image, label in iter_classification(task, skipped)], skipped
+
+    expected = read(plain)
+    for root in (piped, zipped):
+        task = load_task(root)
+        assert read(task) == expected
+        assert task.fingerprint() != plain.fingerprint()
+    assert load_task(piped).files == (f"pipe:cat {tar}",)
 
 
 def test_webdataset_retrieval_keeps_all_captions(tmp_path):

@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import re
-import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +31,9 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline import artifacts
+from pipeline import artifacts, wds
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = wds.IMAGE_EXTS
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {c}.",
     "a good photo of a {c}.",
@@ -57,8 +56,9 @@ class EvalTask:
     root: Path
     source: str
     """``wds``, ``folder`` or ``csv``."""
-    files: tuple[Path, ...]
-    """Data files (tars, images or the CSV's images), in reading order."""
+    files: tuple[Path | str, ...]
+    """Data files (tars, images or the CSV's images), in reading order; a task.json shard given
+    as a webdataset URL stays a string."""
     meta_files: tuple[Path, ...] = ()
     """Description files (task.json, classnames.txt, the CSV, templates)."""
     classnames: tuple[str, ...] = ()
@@ -69,8 +69,11 @@ class EvalTask:
     """Labels of ``files`` for folder and CSV tasks."""
 
     def fingerprint(self) -> str:
-        """Size and mtime of every file the task reads."""
-        return artifacts.file_fingerprint(*self.meta_files, *self.files)
+        """Content identity of every file the task reads; URL shards by their URL."""
+        local = [f for f in self.files if not wds.is_url(f)]
+        urls = sorted(str(f) for f in self.files if wds.is_url(f))
+        fp = artifacts.file_fingerprint(*self.meta_files, *local)
+        return artifacts.object_digest([fp, urls]) if urls else fp
 
 
 def fill_template(template: str, name: str) -> str:
@@ -99,10 +102,12 @@ def _templates(root: Path, info: dict[str, Any]) -> tuple[tuple[str, ...], list[
     return DEFAULT_TEMPLATES, []
 
 
-def _tars(root: Path, info: dict[str, Any]) -> list[Path]:
+def _tars(root: Path, info: dict[str, Any]) -> list[Path | str]:
+    """task.json's ``shards`` (file names relative to the task folder, or webdataset URLs such as
+    ``pipe:aws s3 cp s3://bucket/test-0.tar -``), else the tars found in the folder."""
     if info.get("shards"):
-        return [root / s for s in info["shards"]]
-    for pattern in ("test-*.tar", "*.tar", "test/*.tar"):
+        return [s if wds.is_url(s) else root / s for s in info["shards"]]
+    for pattern in ("test-*.tar", "*.tar", "test/*.tar", "*.tar.gz", "*.tgz"):
         found = sorted(root.glob(pattern), key=_natural_key)
         if found:
             return found
@@ -176,7 +181,7 @@ def _classnames(root: Path, info: dict[str, Any], meta: list[Path], name: str) -
 def _wds_task(
     name: str, root: Path, kind: str, info: dict[str, Any], meta: list[Path], tars: list[Path]
 ) -> EvalTask:
-    missing = [t for t in tars if not t.is_file()]
+    missing = [t for t in tars if not wds.is_url(t) and not Path(t).is_file()]
     if missing:
         raise FileNotFoundError(f"eval task '{name}': missing shard {missing[0]}")
     classnames: tuple[str, ...] = ()
@@ -280,32 +285,15 @@ def classification_tasks(eval_root: str | Path, names: Sequence[str] = (), owner
 # --------------------------------------------------------------------------- sample readers
 
 
-def tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Consecutive members sharing a key (basename up to its first dot), as webdataset groups them.
-
-    The one place task shards are read: every reader below goes through it.
-    """
-    key, sample = None, {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            this = f"{folder}/{stem}" if folder else stem
-            if this != key and sample:
-                yield key, sample
-                sample = {}
-            key = this
-            sample[ext.lower()] = tar.extractfile(member).read()
-    if sample:
-        yield key, sample
+def tar_samples(source: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Grouped samples ``(key, {ext: bytes})`` of one task shard (a path or a webdataset URL),
+    through :func:`pipeline.wds.iter_samples`: the one place task shards are read."""
+    yield from wds.iter_samples(source)
 
 
 def _image_bytes(sample: dict[str, bytes]) -> bytes | None:
-    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    ext = wds.image_ext(sample)
+    return sample[ext] if ext else None
 
 
 def decode_image(data: bytes | Path) -> Image.Image:
