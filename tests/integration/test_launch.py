@@ -15,7 +15,10 @@ from submitit.core.utils import DelayedSubmission
 
 from pipeline import artifacts, cli
 from pipeline.config import load_config
-from pipeline.launch import LaunchError, plan_tasks, render_sbatch, submit_stage, submit_train
+from pipeline.launch import plan_tasks, submit_stage
+from pipeline.slurm import LaunchError, render_sbatch
+from training import runs
+from training.launch import submit_train
 from pipeline.runner import run_stage, stage_status
 from tests.conftest import pair_members, write_shard
 
@@ -275,9 +278,14 @@ def test_train_all_is_an_expert_array_after_the_seed_job(tmp_path, fake_slurm, m
 
 
 def test_experts_wait_for_a_seed_job_that_is_still_queued(tmp_path, fake_slurm, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "training.main", None)  # no training package: final.pt decides
     extra = ["cluster.num_experts=2", "cluster.num_fine=8", "train.baselines=[]"]
     cfg = load_config(None, slurm_overrides(tmp_path, "unused.tar", *extra))
+
+    def training_status(cfg):  # a run is done when it has a final.pt
+        names = runs.run_names(cfg, 2)
+        return [{"stage": f"train/{n}", "state": "done" if runs.final_path(cfg, n).is_file() else "not started"} for n in names]
+
+    monkeypatch.setitem(sys.modules, "training.main", types.SimpleNamespace(training_status=training_status))
     assert [j.job_id for j in submit_train(cfg, "seed", None, [])] == ["4101"]
     (fake_slurm / "active").write_text("4101\n")
     jobs = submit_train(cfg, "all", None, [])
