@@ -39,7 +39,7 @@ import torch
 from ensemble import report
 from ensemble.datasets import EvalTask, discover_tasks, load_task
 from ensemble.evaluators import Embed, evaluator_for, get_evaluator
-from ensemble.models import SEED, ModelSpec, baseline_systems, load_clip, model_specs, train_dir
+from ensemble.models import ModelSpec, baseline_systems, load_clip, model_specs
 from ensemble.routing import (
     FORMULAS,
     Centers,
@@ -58,6 +58,7 @@ from pipeline.runner import Shard
 from stages.cluster import load_centers
 from stages.generations import centers_upto, union_digest
 from stages.text_encoder import embed_texts
+from training.runs import SEED, train_dir
 
 log = logging.getLogger("pipeline")
 

@@ -161,7 +161,7 @@ def check_upstream(cfg: PipelineConfig, run: str, *, uses_assign: bool, done: di
     if done is not None:
         reason, _ = data_state(cfg, done)
         if reason:
-            target = run.removeprefix("expert_")
+            target = runs.short_label(run)
             raise StageError(
                 f"train/{run}: {reason}; retrain with {lineage.suggest(cfg, f'train --expert {target} --resume none')}"
             )

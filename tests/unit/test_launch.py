@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import launch, slurm
-from training import launch as train_launch
 from pipeline.config import ConfigError, load_config
+from training import launch as train_launch
 
 SAMPLE = [
     "run.name=cc3m",
@@ -222,3 +222,25 @@ def test_train_runs_reads_the_training_status(tmp_path):
     assert train_launch.train_runs(cfg) == {"seed": "not started", "0": "not started", "1": "not started", "dense": "not started"}
     no_seed = sample_cfg(tmp_path, "cluster.num_experts=2", "cluster.num_fine=8", "train.seed_steps=0", "train.baselines=[]")
     assert train_launch.train_runs(no_seed) == {"0": "not started", "1": "not started"}
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def test_torchrun_command_one_node_and_every_node_form():
+    one = launch.torchrun_command("training.main", ["--expert", "3"], ["a=b c"], nproc_per_node=4)
+    assert one == ["torchrun", "--nproc_per_node=4", "-m", "training.main", "--expert", "3", "--set", "a=b c"]
+    many = launch.torchrun_command("stages.embed", [], nproc_per_node=8, nnodes=2)
+    assert many[:5] == ["torchrun", "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d", launch.RDZV_ENDPOINT]
+    line = launch.shell_line([*many, "--set", "run.name=x;$(id)"])
+    assert "--rdzv_endpoint=$HOST:29500 -m stages.embed" in line  # the host is left to the shell
+    assert line.endswith("'run.name=x;$(id)'")
+
+
+def test_train_torchrun_forms(tmp_path):
+    cfg = sample_cfg(tmp_path, "launcher.nproc_per_node=2")
+    cmd = train_launch.train_command(cfg, "c.yaml", "seed", ["x=1"], resume="none")
+    assert cmd == ["torchrun", "--nproc_per_node=2", "-m", "training.main", "--config", "c.yaml", "--expert", "seed",
+                   "--resume", "none", "--set", "x=1"]
+    line = train_launch.cluster_command(cfg, None, "3", [])
+    assert line.startswith("torchrun --nnodes=2 --nproc_per_node=4 ") and line.endswith("--expert 3 --resume latest")
