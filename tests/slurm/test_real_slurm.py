@@ -18,7 +18,7 @@ import pytest
 
 from pipeline import artifacts, cli
 from pipeline.config import load_config
-from pipeline.launch import job_states
+from pipeline.slurm import job_states
 from pipeline.runner import stage_status
 
 REPO = Path(__file__).resolve().parents[2]
