@@ -262,7 +262,9 @@ def _ddp_detail(cfg: PipelineConfig) -> str:
     return f"{s.nodes} node(s) x {s.gpus_per_node} GPU(s) = {s.nodes * s.gpus_per_node} DDP rank(s)"
 
 
-def _submit_seed(cfg: PipelineConfig, plan: TrainPlan, folder: Path, cluster: str, config_path: str | None) -> list[Job]:
+def _submit_seed(
+    cfg: PipelineConfig, plan: TrainPlan, folder: Path, cluster: str, config_path: str | None
+) -> list[Job]:
     """The seed job; the array after it depends on it (SLURM) or waits for it (local executors)."""
     if not plan.seed:
         return []
@@ -276,7 +278,9 @@ def _submit_seed(cfg: PipelineConfig, plan: TrainPlan, folder: Path, cluster: st
     return [job]
 
 
-def _submit_runs(cfg: PipelineConfig, plan: TrainPlan, folder: Path, cluster: str, config_path: str | None) -> list[Job]:
+def _submit_runs(
+    cfg: PipelineConfig, plan: TrainPlan, folder: Path, cluster: str, config_path: str | None
+) -> list[Job]:
     """The runs after the seed as one array (split at ``launcher.slurm.max_array_size``)."""
     if not plan.experts:
         return []

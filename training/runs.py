@@ -199,7 +199,7 @@ def parse_targets(cfg: PipelineConfig, expert: str | int, num_experts: int) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.runs --config <yaml> [name ...]``: print the folder of each run (default: ``<run>/train``)."""
+    """``python -m training.runs --config <yaml> [name ...]``: print each run's folder (default ``<run>/train``)."""
     p = argparse.ArgumentParser(prog="python -m training.runs", description=main.__doc__)
     add_config_args(p, default=None)
     p.add_argument("names", nargs="*", help="run names (seed, expert_<k>, dense, ...)")

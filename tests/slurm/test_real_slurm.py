@@ -18,8 +18,8 @@ import pytest
 
 from pipeline import artifacts, cli
 from pipeline.config import load_config
-from pipeline.slurm import job_states
 from pipeline.runner import stage_status
+from pipeline.slurm import job_states
 
 REPO = Path(__file__).resolve().parents[2]
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
