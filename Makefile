@@ -37,7 +37,7 @@ demo: $(STAMP)  ## generate the demo data and run the whole chain on it
 
 demo-ablation: $(STAMP)  ## the demo with every baseline (dense_equal_compute, random_split, full_ensemble)
 	$(CLI) demo-data --config configs/demo_ablation.yaml --launcher $(LAUNCHER)
-	@if [ -d runs/demo/train/dense ] && [ ! -d runs/demo_ablation ]; then \
+	@if [ -d "$$($(PY) -m training.runs --config configs/demo.yaml dense)" ] && [ ! -d runs/demo_ablation ]; then \
 	  echo "reusing runs/demo (same data, seed, experts and dense; a copied run is not stale)"; \
 	  cp -r runs/demo runs/demo_ablation && rm -rf runs/demo_ablation/ensemble; fi
 	$(CLI) run --config configs/demo_ablation.yaml --launcher $(LAUNCHER) $(foreach s,$(SET),--set $(s))
@@ -73,22 +73,16 @@ NEW_FINE ?=
 add-experts: $(STAMP)  ## new experts: cluster the grown shards (NEW_EXPERTS=1 NEW_FINE=<k>), then make assign
 	$(CLI) add-experts $(ARGS) --num-experts $(NEW_EXPERTS) $(if $(NEW_FINE),--num-fine $(NEW_FINE))
 
+TORCHRUN_ARGS = $(if $(filter-out 1,$(NPROC)),--launcher torchrun --set launcher.nproc_per_node=$(NPROC))
+
 train: $(STAMP)  ## train EXPERT=<k>|seed|experts|dense|random_split|baselines|all (NPROC>1 uses torchrun)
-ifeq ($(NPROC),1)
-	$(CLI) train $(ARGS) --expert $(EXPERT) $(FORCE_ARG)
-else
-	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m training.main --config $(CONFIG) --expert $(EXPERT) $(foreach s,$(SET),--set $(s)) $(if $(FORCE),--resume none)
-endif
+	$(CLI) train $(ARGS) $(TORCHRUN_ARGS) --expert $(EXPERT) $(FORCE_ARG)
 
 ensemble: $(STAMP)  ## evaluate experts, route, write the report
 	$(CLI) ensemble $(ARGS) $(FORCE_ARG)
 
 ssl: $(STAMP)  ## self-supervised SogCLR/SimCLR image training (CONFIG=configs/demo_sogclr.yaml; NPROC>1 uses torchrun)
-ifeq ($(NPROC),1)
-	$(CLI) ssl $(ARGS)
-else
-	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m training.ssl.main --config $(CONFIG) $(foreach s,$(SET),--set $(s))
-endif
+	$(CLI) ssl $(ARGS) $(TORCHRUN_ARGS)
 
 linear-eval: $(STAMP)  ## linear evaluation of SSL backbones on cached features (RUNS='sogclr simclr random')
 	$(CLI) linear-eval $(ARGS) $(if $(RUNS),--runs $(RUNS))

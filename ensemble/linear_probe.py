@@ -19,7 +19,6 @@ Rows (model, task, top1, top5, ...) and per-model means go to ``<run>/ensemble/l
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 
 from pipeline.artifacts import file_fingerprint
 from pipeline.config import PipelineConfig
+from training import runs
 from training.evaluation.linear_probe import (
     cached_features,
     eval_task_splits,
@@ -44,19 +44,19 @@ def probe_models(cfg: PipelineConfig) -> tuple[list[tuple[str, Path]], tuple[str
     Raises:
         FileNotFoundError: no trained expert or no dense/seed model.
     """
-    train = cfg.run_dir / "train"
+    train = runs.train_dir(cfg)
     found = []
-    for path in train.glob("expert_*/final.pt"):
-        match = re.fullmatch(r"expert_(\d+)", path.parent.name)
-        if match:
-            found.append((int(match.group(1)), path))
+    for path in train.glob(f"{runs.EXPERT_PREFIX}*/{runs.FINAL}"):
+        k = runs.expert_index(path.parent.name)
+        if k is not None:
+            found.append((k, path))
     if not found:
         raise FileNotFoundError(f"linear-probe: no {train}/expert_<k>/final.pt; train the experts first")
     experts = [(f"expert-{k}", path) for k, path in sorted(found)]
-    dense = train / "dense" / "final.pt"
+    dense = runs.final_path(cfg, "dense")
     if dense.is_file():
         return experts, ("dense", dense)
-    seed = train / "seed" / "final.pt"
+    seed = runs.final_path(cfg, runs.SEED)
     if not seed.is_file():
         raise FileNotFoundError(f"linear-probe: neither {dense} nor {seed} exists")
     log.info("linear-probe: no %s; the seed model %s stands in for the dense model", dense, seed)

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
+from training import runs
 
 log = logging.getLogger("pipeline")
-
-SEED = "seed"
 
 
 @dataclass(frozen=True)
@@ -28,34 +27,28 @@ class ModelSpec:
     """Expert index, or None for the seed and baseline models."""
 
 
-def train_dir(cfg: PipelineConfig) -> Path:
-    """``<run>/train``."""
-    return cfg.run_dir / "train"
-
-
 def expert_spec(cfg: PipelineConfig, k: int) -> ModelSpec:
     """Expert ``k``'s model."""
-    return ModelSpec(f"expert_{k}", f"expert-{k}", train_dir(cfg) / f"expert_{k}" / "final.pt", k)
+    name = runs.expert_name(k)
+    return ModelSpec(name, f"expert-{k}", runs.final_path(cfg, name), k)
 
 
 def seed_spec(cfg: PipelineConfig) -> ModelSpec:
     """The dense seed model the experts branch from (reported as ``seed``)."""
-    return ModelSpec(SEED, SEED, train_dir(cfg) / SEED / "final.pt", None)
+    return ModelSpec(runs.SEED, runs.SEED, runs.final_path(cfg, runs.SEED), None)
 
 
 def run_spec(cfg: PipelineConfig, name: str) -> ModelSpec:
     """A baseline run's model (``dense``, ``random_split_<k>``...)."""
-    return ModelSpec(name, name, train_dir(cfg) / name / "final.pt", None)
+    return ModelSpec(name, name, runs.final_path(cfg, name), None)
 
 
 def baseline_systems(cfg: PipelineConfig, num_experts: int) -> dict[str, list[str]]:
     """``{system: [run names]}`` of the baselines in the report: the configured ones (all required)
     and any other whose runs are all trained."""
-    from training.runs import BASELINES, baseline_members
-
     systems = {}
-    for name in BASELINES:
-        members = baseline_members(name, num_experts)
+    for name in runs.BASELINES:
+        members = runs.baseline_members(name, num_experts)
         if name in cfg.train.baselines or all(run_spec(cfg, m).path.is_file() for m in members):
             systems[name] = members
     return systems

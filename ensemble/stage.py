@@ -38,7 +38,7 @@ import torch
 
 from ensemble import report
 from ensemble.evaluators import Embed, evaluator_for, get_evaluator
-from ensemble.models import SEED, ModelSpec, baseline_systems, model_specs, train_dir
+from ensemble.models import ModelSpec, baseline_systems, model_specs
 from ensemble.routing import (
     FORMULAS,
     Centers,
@@ -59,6 +59,7 @@ from stages.generations import centers_upto, union_digest
 from stages.text_encoder import embed_texts
 from training.evaluation.clip import load_clip
 from training.evaluation.tasks import EvalTask, discover_tasks, load_task
+from training.runs import SEED, train_dir
 
 log = logging.getLogger("pipeline")
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from training import runs
+
 EXTRA_COLUMNS = ("seed", "dense", "dense_equal_compute", "random_split", "full_ensemble")
 """Report columns after MoDE's, in this order, for the systems that are present."""
 COMPARED = ("dense", "dense_equal_compute", "random_split", "full_ensemble", "all_unit", "seed")
@@ -50,12 +52,12 @@ class System:
 
 def systems_of(num_experts: int, baselines: dict[str, list[str]], has_seed: bool) -> dict[str, System]:
     """Every system of the report, keyed by its column name."""
-    experts = tuple(f"expert_{k}" for k in range(num_experts))
+    experts = tuple(runs.expert_name(k) for k in range(num_experts))
     out = {f"expert-{k}": System((name,), "single") for k, name in enumerate(experts)}
     out["all_unit"] = System(experts, "uniform")
     out["ensemble"] = System(experts, "routed")
     if has_seed:
-        out["seed"] = System(("seed",), "single")
+        out[runs.SEED] = System((runs.SEED,), "single")
     for name, members in baselines.items():
         out[name] = System(tuple(members), "single" if len(members) == 1 else "uniform")
     return out
@@ -90,7 +92,7 @@ def run_samples(train_dir: Path, run: str) -> int:
 def training_compute(train_dir: Path, systems: dict[str, System]) -> dict[str, dict[str, int]]:
     """``{system: {"samples": n, "models": m}}``: samples seen in training (the seed's included
     for every system that starts from it) and models run per query at inference."""
-    seed = run_samples(train_dir, "seed")
+    seed = run_samples(train_dir, runs.SEED)
     out = {}
     for name, system in systems.items():
         own = sum(run_samples(train_dir, m) for m in system.members)

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         _stage_args(p)
     p = sub.add_parser("train", help="train the seed model or a data expert")
     _common(p)
-    p.add_argument("--expert", default="0", help="expert index, 'seed' or 'all' (default 0)")
+    p.add_argument("--expert", default="0", help="k, seed, experts, baselines, all or a run name (default 0)")
     p.add_argument("--resume", default="latest", help="'latest' (default), 'none' or a checkpoint path")
     p.add_argument("--force", action="store_true", help="retrain from scratch (same as --resume none)")
     p = sub.add_parser("add-experts", help="new experts: cluster the shards no clustering has seen (growth)")
@@ -166,25 +166,27 @@ def cmd_train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     if args.force:
         args.resume = "none"
     if kind == "slurm":
-        from pipeline.launch import submit_train
+        from training.launch import submit_train
 
         submit_train(cfg, args.expert, args.config, args.overrides, resume=args.resume)
         return 0
     if kind == "torchrun":
-        import subprocess
+        from training.launch import train_command
 
-        from training.main import torchrun_command
-
-        cmd = torchrun_command(
-            args.config, args.expert, args.overrides, cfg.launcher.nproc_per_node, resume=args.resume
-        )
-        cmd[0] = str(Path(sys.executable).with_name("torchrun"))
-        print("launching: " + shlex.join(cmd))
-        return subprocess.call(cmd)
+        return _launch_torchrun(train_command(cfg, args.config, args.expert, args.overrides, resume=args.resume))
     from training.main import train_experts
 
     train_experts(cfg, args.expert, resume=args.resume, progress=not args.quiet)
     return 0
+
+
+def _launch_torchrun(cmd: list[str]) -> int:
+    """Run a torchrun command with this environment's ``torchrun``; returns its exit code."""
+    import subprocess
+
+    cmd = [str(Path(sys.executable).with_name("torchrun")), *cmd[1:]]
+    print("launching: " + shlex.join(cmd))
+    return subprocess.call(cmd)
 
 
 def cmd_ssl(cfg: PipelineConfig, args: argparse.Namespace) -> int:
@@ -196,13 +198,11 @@ def cmd_ssl(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         submit_ssl(cfg, resume=args.resume)
         return 0
     if kind == "torchrun":
-        import subprocess
+        from pipeline.launch import torchrun_command
 
-        cmd = [str(Path(sys.executable).with_name("torchrun")), f"--nproc_per_node={cfg.launcher.nproc_per_node}",
-               "-m", "training.ssl.main", "--config", args.config, "--resume", args.resume]
-        cmd += [x for item in args.overrides for x in ("--set", item)]
-        print("launching: " + " ".join(cmd))
-        return subprocess.call(cmd)
+        ssl_args = ["--config", args.config, "--resume", args.resume]
+        nproc = cfg.launcher.nproc_per_node
+        return _launch_torchrun(torchrun_command("training.ssl.main", ssl_args, args.overrides, nproc_per_node=nproc))
     from training.ssl.main import train_ssl
 
     train_ssl(cfg, resume=args.resume, progress=not args.quiet, stop_at_step=args.stop_at_step)
@@ -276,13 +276,10 @@ def cmd_shard(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """Print per-stage progress from the completion records."""
-    rows = [stage_status(cfg, name) for name in STAGE_MODULES]
-    try:
-        from training.main import training_status
+    from training.main import training_status
 
-        rows[-1:-1] = training_status(cfg)
-    except ImportError:
-        pass
+    rows = [stage_status(cfg, name) for name in STAGE_MODULES]
+    rows[-1:-1] = training_status(cfg)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -318,7 +315,7 @@ def cmd_add_experts(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def _print_slurm_jobs(cfg: PipelineConfig) -> None:
     """The latest SLURM jobs of every stage as squeue/sacct report them (nothing without SLURM)."""
-    from pipeline.launch import slurm_jobs
+    from pipeline.slurm import slurm_jobs
 
     jobs = slurm_jobs(cfg)
     if jobs:

@@ -177,7 +177,8 @@ def _upstream_change(cfg: PipelineConfig, name: str, up: str) -> str:
     return lineage.describe_change(saved, now[1] if now else {})
 
 
-def _stale_message(cfg: PipelineConfig, name: str, plan: StagePlan) -> str:
+def stale_message(cfg: PipelineConfig, name: str, plan: StagePlan) -> str:
+    """The one-line refusal to run over stale work: what is stale, why, and the command that redoes it."""
     if plan.upstream_stale:
         root = plan.upstream_stale.split(" ", 2)[1]
         return (
@@ -257,44 +258,67 @@ def run_stage(
         redo_done: with ``force``, also redo finished shards of a partial run (a forced SLURM
             array task redoes its whole range); default: only when the run covers every shard.
     """
-    module = load_stage(name)
     sdir = stage_dir(cfg, name)
     plan = plan_stage(cfg, name)  # lists the inputs first: bad inputs fail before anything is written
     sdir.mkdir(parents=True, exist_ok=True)
     if plan.upstream_stale or ((plan.stale or plan.orphans) and not force):
-        raise StageError(_stale_message(cfg, name, plan))
+        raise StageError(stale_message(cfg, name, plan))
+    partial = shard_range is not None or stride is not None
     if force:
-        # Nothing is removed before its replacement is complete: the shards to redo are run again
-        # (their records and outputs are overwritten shard by shard); the old manifest and the
-        # records of shards no longer listed go only once the new outputs are in place.
-        partial = shard_range is not None or stride is not None
-        redo = plan.stale + (plan.done if (not partial if redo_done is None else redo_done) else [])
-        plan = dataclasses.replace(
-            plan, done=[n for n in plan.done if n not in redo], stale=[], todo=plan.todo + redo
-        )
-    if shard_range is None and stride is None:  # the only writer of this stage: leftovers are a killed run's
-        artifacts.remove_stale_temps(sdir)
-    artifacts.write_text(sdir / "config.yaml", dump_yaml(cfg))
-    artifacts.write_json(sdir / "_hashed_config.json", to_jsonable(module.hash_inputs(cfg)))
-    by_name = {s.name: s for s in plan.shards}
+        plan = _forced_plan(plan, redo_done=not partial if redo_done is None else redo_done)
+    _write_stage_config(cfg, name, sdir, clean_temps=not partial)
     todo = set(plan.todo)
-    selected_range = [s for s in _select(plan.shards, shard_range, stride) if s.name in todo]
-    if not selected_range and (sdir / artifacts.MANIFEST).is_file() and not plan.todo:
-        manifest = artifacts.read_json(sdir / artifacts.MANIFEST)
-        if _manifest_current(manifest, plan):
+    selected = [s for s in _select(plan.shards, shard_range, stride) if s.name in todo]
+    if not selected and not plan.todo:
+        manifest = _current_manifest(sdir, plan)
+        if manifest is not None:
             log.info("%s: all %d shard(s) already done; nothing to do", name, len(plan.shards))
             return {"stage": name, "ran": 0, "skipped": len(plan.done), "manifest": manifest}
-    failures = _execute(cfg, name, selected_range, sdir, (plan.config_hash, plan.upstream), workers, progress)
-    if force and len(failures) < len(selected_range):
+    failures = _execute(cfg, name, selected, sdir, (plan.config_hash, plan.upstream), workers, progress)
+    if force and len(failures) < len(selected):
         # some outputs were replaced: the old manifest no longer describes the stage
         (sdir / artifacts.MANIFEST).unlink(missing_ok=True)
     if failures:
         lines = "; ".join(f"{s}: {e}" for s, e in failures[:5])
-        raise StageError(
-            f"{name}: {len(failures)} shard(s) failed ({lines}). Rerun to redo only those."
-        )
-    remaining = [n for n in by_name if not artifacts.done_path(sdir, n).is_file()]
-    summary = {"stage": name, "ran": len(selected_range), "skipped": len(plan.done)}
+        raise StageError(f"{name}: {len(failures)} shard(s) failed ({lines}). Rerun to redo only those.")
+    return _finish(cfg, name, plan, {"stage": name, "ran": len(selected), "skipped": len(plan.done)}, finalize)
+
+
+def _forced_plan(plan: StagePlan, redo_done: bool) -> StagePlan:
+    """The plan of a ``--force`` run: stale shards (and with ``redo_done`` the finished ones) to do.
+
+    Nothing is removed before its replacement is complete: the shards to redo are run again (their
+    records and outputs are overwritten shard by shard); the old manifest and the records of shards
+    no longer listed go only once the new outputs are in place.
+    """
+    redo = plan.stale + (plan.done if redo_done else [])
+    return dataclasses.replace(plan, done=[n for n in plan.done if n not in redo], stale=[], todo=plan.todo + redo)
+
+
+def _write_stage_config(cfg: PipelineConfig, name: str, sdir: Path, clean_temps: bool) -> None:
+    """``config.yaml`` and ``_hashed_config.json`` of the stage; with ``clean_temps`` (this run is the
+    stage's only writer) the temporary files a killed run left go first."""
+    if clean_temps:
+        artifacts.remove_stale_temps(sdir)
+    artifacts.write_text(sdir / "config.yaml", dump_yaml(cfg))
+    artifacts.write_json(sdir / "_hashed_config.json", to_jsonable(load_stage(name).hash_inputs(cfg)))
+
+
+def _current_manifest(sdir: Path, plan: StagePlan) -> dict[str, Any] | None:
+    """The stage's manifest when it describes exactly this plan, else None."""
+    path = sdir / artifacts.MANIFEST
+    if not path.is_file():
+        return None
+    manifest = artifacts.read_json(path)
+    return manifest if _manifest_current(manifest, plan) else None
+
+
+def _finish(
+    cfg: PipelineConfig, name: str, plan: StagePlan, summary: dict[str, Any], finalize: bool
+) -> dict[str, Any]:
+    """Write the manifest once every shard has its record (and ``finalize`` asks for it)."""
+    sdir = stage_dir(cfg, name)
+    remaining = [s.name for s in plan.shards if not artifacts.done_path(sdir, s.name).is_file()]
     if remaining or not finalize:
         if remaining:
             log.info("%s: %d shard(s) still to do; manifest not written yet", name, len(remaining))

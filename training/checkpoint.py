@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ from pipeline import artifacts
 from pipeline.artifacts import atomic_path
 from pipeline.runner import StageError
 from pipeline.safeload import torch_load
+from training import runs
+from training.dist import DistContext, gather_objects
 from training.models import unwrap
 
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
-FINAL = "final.pt"
+FINAL = runs.FINAL
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -59,6 +62,27 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` atomically (temporary file, then rename)."""
     with atomic_path(path) as tmp:
         artifacts.torch_save(state, tmp)
+
+
+def save_step(
+    ctx: DistContext,
+    run_dir: Path,
+    step: int,
+    state: Callable[[], dict[str, Any]],
+    keep_last: int,
+    pinned: frozenset[int] = frozenset(),
+) -> Path:
+    """Checkpoint a run at ``step``; every rank calls it (each one's RNG state is gathered).
+
+    Rank 0 writes ``checkpoints/step_<step>.pt`` with ``state()`` plus ``rng`` (every rank's, in
+    rank order), then keeps the newest ``keep_last`` (and the ``pinned`` steps). Returns the path.
+    """
+    rngs = gather_objects(ctx, rng_state())
+    path = checkpoint_path(run_dir, step)
+    if ctx.is_main:
+        save_checkpoint(path, {**state(), "rng": rngs})
+        prune_checkpoints(run_dir, keep_last, pinned)
+    return path
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, pinned: frozenset[int] = frozenset()) -> list[Path]:

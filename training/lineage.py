@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline import artifacts, lineage
 from pipeline.config import PipelineConfig
+from training import runs
 
 UPSTREAM_KEYS = ("prep", "assign", "seed_checkpoint")
 """Identity keys that name an upstream artifact rather than a config value."""
@@ -37,7 +38,7 @@ def _stage_digest(manifest: dict[str, Any]) -> str:
 
 def seed_checkpoint_path(cfg: PipelineConfig) -> Path:
     """The seed checkpoint every run that continues from the seed starts from."""
-    return cfg.run_dir / "train" / "seed" / "checkpoints" / f"step_{cfg.train.seed_steps}.pt"
+    return runs.run_dir(cfg, runs.SEED) / "checkpoints" / f"step_{cfg.train.seed_steps}.pt"
 
 
 def seed_digest(cfg: PipelineConfig) -> str:
@@ -45,7 +46,7 @@ def seed_digest(cfg: PipelineConfig) -> str:
     path = seed_checkpoint_path(cfg)
     if not path.is_file():
         return "missing"
-    cache = artifacts.DigestCache(cfg.run_dir / "train")
+    cache = artifacts.DigestCache(runs.train_dir(cfg))
     digest = cache.digest(path)
     cache.save()
     return digest
@@ -160,7 +161,7 @@ def check_upstream(cfg: PipelineConfig, run: str, *, uses_assign: bool, done: di
     if done is not None:
         reason, _ = data_state(cfg, done)
         if reason:
-            target = run.removeprefix("expert_")
+            target = runs.short_label(run)
             raise StageError(
                 f"train/{run}: {reason}; retrain with {lineage.suggest(cfg, f'train --expert {target} --resume none')}"
             )

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from pipeline.config import TrainConfig
 from training import checkpoint as ckpt
 from training.data import Batch
-from training.dist import DistContext, gather_objects
+from training.dist import DistContext
 from training.losses import ContrastiveLoss
 from training.metrics import MetricsLogger
 from training.models import unwrap
@@ -305,26 +305,24 @@ class Trainer:
 
     def save(self) -> Path:
         """Write ``checkpoints/step_<step>.pt`` (rank 0; every rank contributes its RNG state)."""
-        rngs = gather_objects(self.ctx, ckpt.rng_state())
-        path = ckpt.checkpoint_path(self.spec.run_dir, self.state.step)
         self._saved_step = self.state.step
-        if self.ctx.is_main:
-            state = {
-                "step": self.state.step,
-                "run": self.spec.name,
-                "expert": self.spec.expert,
-                "model": unwrap(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "loss": self.loss.state_dict(),
-                "rng": rngs,
-                "world_size": self.ctx.world_size,
-                "data": self.data_position(),
-                **self.checkpoint_extra(),
-            }
-            ckpt.save_checkpoint(path, state)
-            ckpt.prune_checkpoints(self.spec.run_dir, self.cfg.keep_last, self.pinned_steps)
-        return path
+        return ckpt.save_step(
+            self.ctx, self.spec.run_dir, self.state.step, self._checkpoint_state, self.cfg.keep_last, self.pinned_steps
+        )
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step,
+            "run": self.spec.name,
+            "expert": self.spec.expert,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loss": self.loss.state_dict(),
+            "world_size": self.ctx.world_size,
+            "data": self.data_position(),
+            **self.checkpoint_extra(),
+        }
 
     def data_position(self) -> dict[str, Any]:
         """Where the data stream is: batches consumed, samples and (loss) epoch."""

@@ -30,8 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from pipeline.artifacts import (
     MANIFEST,
     CorruptArtifactError,
@@ -57,6 +55,7 @@ from training import checkpoint as ckpt
 from training import lineage, runs
 from training.data import num_experts
 from training.dist import DistContext, barrier, broadcast_object, init_distributed, set_cpu_threads
+from training.launch import run_entry
 from training.loop import RunSpec
 from training.models import create_model
 from training.setup import Restore, build_trainer
@@ -412,27 +411,6 @@ def _run_staleness(cfg: PipelineConfig, spec: RunSpec, done: dict[str, Any]) -> 
     return {"note": note} if note else {}
 
 
-def torchrun_command(
-    config: str, expert: str, overrides: list[str], nproc_per_node: int, resume: str = "latest"
-) -> list[str]:
-    """The ``torchrun`` command line of a data-parallel training job (for launchers)."""
-    cmd = [
-        "torchrun",
-        f"--nproc_per_node={nproc_per_node}",
-        "-m",
-        "training.main",
-        "--config",
-        config,
-        "--expert",
-        str(expert),
-        "--resume",
-        resume,
-    ]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m training.main`` (torchrun form of ``python -m pipeline train``)."""
     p = argparse.ArgumentParser(prog="torchrun ... -m training.main", description=__doc__.split("\n")[0])
@@ -451,19 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m training.main``; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
+
+    def train() -> None:
         cfg = remember_invocation(load_config(args.config, args.overrides), args.config, args.overrides)
-        train_experts(
-            cfg, args.expert, resume=args.resume, progress=not args.quiet, stop_at_step=args.stop_at_step
-        )
-    except (ConfigError, StageError, FileNotFoundError, CorruptArtifactError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        train_experts(cfg, args.expert, resume=args.resume, progress=not args.quiet, stop_at_step=args.stop_at_step)
+
+    return run_entry(train, (ConfigError, StageError, FileNotFoundError, CorruptArtifactError))
 
 
 if __name__ == "__main__":

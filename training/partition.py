@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.artifacts import MANIFEST, atomic_path, read_json, read_manifest, write_json
 from pipeline.config import PipelineConfig
+from training import runs
 
 PARTITION_SALT = 0x5EED5
 """Mixed into ``run.seed`` for the permutation (independent of every other stream)."""
@@ -26,7 +27,7 @@ PARTITION_SALT = 0x5EED5
 
 def partition_dir(cfg: PipelineConfig) -> Path:
     """``<run>/train/random_split/partition``."""
-    return cfg.run_dir / "train" / "random_split" / "partition"
+    return runs.run_dir(cfg, "random_split") / "partition"
 
 
 def _assign_tables(cfg: PipelineConfig) -> tuple[dict[str, Path], dict]:

@@ -24,17 +24,29 @@ The ``--expert`` argument of ``python -m pipeline train`` / ``training.main`` na
 ``seed``, an expert index ``k`` (or ``expert_<k>``), ``experts`` (all experts), a baseline
 (``dense``, ``random_split``, ``random_split_<k>``, ...), ``baselines`` (every configured one) or
 ``all`` (the seed, every expert, then the configured baselines).
+
+This module is the one place that knows the layout ``<run>/train/<name>/`` and the run names; the
+launcher, ``pipeline status``, the ensemble and the Makefile ask it (``python -m training.runs
+--config <yaml> <name>`` prints a run's folder). It imports no torch.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import ConfigError, PipelineConfig
-from training.loop import RunSpec
+from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
+
+if TYPE_CHECKING:
+    from training.loop import RunSpec
 
 SEED = "seed"
+EXPERT_PREFIX = "expert_"
+FINAL = "final.pt"
+"""The finished model of a run, in its folder."""
 BASELINES: tuple[str, ...] = ("dense", "dense_equal_compute", "random_split", "full_ensemble")
 """Baseline systems ``train.baselines`` may name."""
 
@@ -44,9 +56,35 @@ def train_dir(cfg: PipelineConfig) -> Path:
     return cfg.run_dir / "train"
 
 
+def run_dir(cfg: PipelineConfig, name: str) -> Path:
+    """``<run>/train/<name>``: the folder of run ``name`` (``seed``, ``expert_<k>``, ``dense``...)."""
+    return train_dir(cfg) / name
+
+
+def final_path(cfg: PipelineConfig, name: str) -> Path:
+    """The finished model of run ``name``: ``<run>/train/<name>/final.pt``."""
+    return run_dir(cfg, name) / FINAL
+
+
 def expert_name(k: int) -> str:
     """Folder / run name of expert ``k``."""
-    return f"expert_{k}"
+    return f"{EXPERT_PREFIX}{k}"
+
+
+def expert_index(name: str) -> int | None:
+    """``k`` of an ``expert_<k>`` run name, None for any other run."""
+    tail = name.removeprefix(EXPERT_PREFIX)
+    return int(tail) if name.startswith(EXPERT_PREFIX) and tail.isdigit() else None
+
+
+def short_label(name: str) -> str:
+    """The launcher's label of a run: ``expert_3`` → ``3``; the seed and baselines keep their name."""
+    return name.removeprefix(EXPERT_PREFIX)
+
+
+def from_label(label: str) -> str:
+    """The run name of a launcher label: ``3`` → ``expert_3`` (inverse of :func:`short_label`)."""
+    return expert_name(int(label)) if label.isdigit() else label
 
 
 def equal_compute_steps(cfg: PipelineConfig, num_experts: int) -> int:
@@ -92,12 +130,14 @@ def spec_for(
     cfg: PipelineConfig, name: str, num_experts: int, branch_from: Path | None = None
 ) -> RunSpec:
     """The :class:`RunSpec` of run ``name`` (``branch_from``: the seed checkpoint it starts from)."""
+    from training.loop import RunSpec  # torch; this module stays importable without it
+
     steps, seed_steps = cfg.train.steps, cfg.train.seed_steps
     start = seed_steps if seed_steps > 0 else 0
-    folder = train_dir(cfg) / name
+    folder = run_dir(cfg, name)
     if name == SEED:
         return RunSpec(SEED, None, folder, 0, seed_steps)
-    for prefix, partition in (("expert_", "assign"), ("random_split_", "random_split")):
+    for prefix, partition in ((EXPERT_PREFIX, "assign"), ("random_split_", "random_split")):
         k = _split_index(name, prefix, num_experts)
         if k is not None and k >= 0:
             return RunSpec(name, k, folder, start, steps, branch_from, partition=partition)
@@ -156,3 +196,23 @@ def parse_targets(cfg: PipelineConfig, expert: str | int, num_experts: int) -> l
             f"'baselines', 'all' or a baseline run ({', '.join(BASELINES)}, random_split_<k>, ...)"
         ) from None
     return [text]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.runs --config <yaml> [name ...]``: print each run's folder (default ``<run>/train``)."""
+    p = argparse.ArgumentParser(prog="python -m training.runs", description=main.__doc__)
+    add_config_args(p, default=None)
+    p.add_argument("names", nargs="*", help="run names (seed, expert_<k>, dense, ...)")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in [run_dir(cfg, n) for n in args.names] or [train_dir(cfg)]:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import types
@@ -15,9 +17,12 @@ from submitit.core.utils import DelayedSubmission
 
 from pipeline import artifacts, cli
 from pipeline.config import load_config
-from pipeline.launch import LaunchError, plan_tasks, render_sbatch, submit_stage, submit_train
+from pipeline.launch import plan_tasks, submit_stage
 from pipeline.runner import run_stage, stage_status
+from pipeline.slurm import LaunchError, render_sbatch
 from tests.conftest import pair_members, write_shard
+from training import runs
+from training.launch import submit_train
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_SHARDS, PAIRS = 6, 3
@@ -275,9 +280,14 @@ def test_train_all_is_an_expert_array_after_the_seed_job(tmp_path, fake_slurm, m
 
 
 def test_experts_wait_for_a_seed_job_that_is_still_queued(tmp_path, fake_slurm, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "training.main", None)  # no training package: final.pt decides
     extra = ["cluster.num_experts=2", "cluster.num_fine=8", "train.baselines=[]"]
     cfg = load_config(None, slurm_overrides(tmp_path, "unused.tar", *extra))
+
+    def training_status(cfg):  # a run is done when it has a final.pt
+        names = runs.run_names(cfg, 2)
+        return [{"stage": f"train/{n}", "state": "done" if runs.final_path(cfg, n).is_file() else "not started"} for n in names]
+
+    monkeypatch.setitem(sys.modules, "training.main", types.SimpleNamespace(training_status=training_status))
     assert [j.job_id for j in submit_train(cfg, "seed", None, [])] == ["4101"]
     (fake_slurm / "active").write_text("4101\n")
     jobs = submit_train(cfg, "all", None, [])
@@ -336,3 +346,23 @@ def test_forced_array_removes_nothing_before_its_replacements_are_written(tmp_pa
     jobs[2].result()
     assert rows(cfg.run_dir) == expected and manifest.is_file()
     assert stage_status(cfg, "prep")["state"] == "done"
+
+
+def test_make_train_with_nproc_launches_the_torchrun_command(tmp_path, monkeypatch, capsys):
+    """``make train NPROC=4`` goes through the CLI's one torchrun command (``make -n`` shows the call)."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    dry = subprocess.run(
+        ["make", "-n", "train", "NPROC=4", "EXPERT=3", "FORCE=1", "SET=run.seed=5", "STAMP="],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.strip().splitlines()[-1]
+    argv = shlex.split(dry)
+    assert argv[1:4] == ["-m", "pipeline", "train"]
+    seen = {}
+    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.setdefault("cmd", cmd) and 0)
+    monkeypatch.chdir(REPO)
+    assert cli.main([*argv[3:], "--set", f"run.root={tmp_path}"]) == 0
+    cmd = seen["cmd"]
+    assert cmd[1:4] == ["--nproc_per_node=4", "-m", "training.main"]
+    assert cmd[cmd.index("--expert") + 1] == "3" and cmd[cmd.index("--resume") + 1] == "none"
+    assert "run.seed=5" in cmd and "launching: " in capsys.readouterr().out

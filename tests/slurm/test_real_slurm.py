@@ -18,8 +18,8 @@ import pytest
 
 from pipeline import artifacts, cli
 from pipeline.config import load_config
-from pipeline.launch import job_states
 from pipeline.runner import stage_status
+from pipeline.slurm import job_states
 from tests.tiny import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]

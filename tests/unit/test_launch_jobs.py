@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.launch import SUBMISSIONS, TrainTask, _latest_jobs, failed_jobs, job_states, slurm_jobs
+from pipeline.slurm import SUBMISSIONS, _latest_jobs, failed_jobs, job_states, slurm_jobs
+from training.launch import TrainTask
 
 
 def record(folder: Path, *entries: tuple[list[str], list[str]]) -> None:

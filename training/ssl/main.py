@@ -36,11 +36,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pipeline import slurm
 from pipeline.artifacts import git_sha, read_json, write_json, write_text
 from pipeline.config import ConfigError, PipelineConfig, add_config_args, config_hash, dump_yaml, load_config
 from pipeline.runner import StageError
 from training import checkpoint as ckpt
-from training.dist import DistContext, gather_objects, init_distributed, set_cpu_threads
+from training.dist import DistContext, init_distributed, set_cpu_threads
+from training.launch import run_entry
 from training.losses.unimodal import UnimodalContrastiveLoss
 from training.metrics import MetricsLogger
 from training.models import unwrap
@@ -240,25 +242,19 @@ class SSLTrainer:
 
     def save(self) -> Path:
         """``checkpoints/step_<n>.pt`` (rank 0 writes; every rank's RNG state is in it)."""
-        rngs = gather_objects(self.ctx, ckpt.rng_state())
-        path = ckpt.checkpoint_path(self.dir, self.step)
-        if self.ctx.is_main:
-            ckpt.save_checkpoint(
-                path,
-                {
-                    "step": self.step,
-                    "model": unwrap(self.model).state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "loss": self.loss.state_dict(),
-                    "rng": rngs,
-                    "world_size": self.ctx.world_size,
-                    "identity": identity(self.cfg),
-                    "epoch": self.step / self.steps_per_epoch,
-                },
-            )
-            ckpt.prune_checkpoints(self.dir, self.cfg.ssl.keep_last)
-        return path
+        return ckpt.save_step(self.ctx, self.dir, self.step, self._checkpoint_state, self.cfg.ssl.keep_last)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loss": self.loss.state_dict(),
+            "world_size": self.ctx.world_size,
+            "identity": identity(self.cfg),
+            "epoch": self.step / self.steps_per_epoch,
+        }
 
     def _manifest(self) -> dict[str, Any]:
         s = self.cfg.ssl
@@ -302,10 +298,8 @@ class SSLTask:
 
     def __call__(self) -> Any:
         """Train."""
-        from pipeline.launch import _export_torch_distributed_env, _log_to_stderr
-
-        _log_to_stderr()
-        _export_torch_distributed_env()
+        slurm.log_to_stderr()
+        slurm.export_torch_distributed_env()
         return train_ssl(self.cfg, resume=self.resume, progress=False)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -317,15 +311,13 @@ class SSLTask:
 
 def submit_ssl(cfg: PipelineConfig, resume: str = "latest") -> Any:
     """Submit the run as one multi-node job (``launcher.slurm``); dry run prints the sbatch script."""
-    from pipeline.launch import log_folder, make_executor, render_sbatch, slurm_available
-
-    folder = log_folder(cfg, "ssl")
+    folder = slurm.log_folder(cfg, "ssl")
     name = f"{cfg.run.name}-ssl-{cfg.ssl.run_name}"
-    if cfg.launcher.dry_run or not slurm_available():
+    if slurm.is_dry_run(cfg, None):
         print("ssl: dry run (launcher.dry_run or no sbatch on PATH); nothing was submitted.")
-        print(render_sbatch(cfg, "train", folder=folder, name=name).rstrip())
+        print(slurm.render_sbatch(cfg, slurm.DDP_JOB, folder=folder, name=name).rstrip())
         return None
-    job = make_executor(cfg, "train", folder=folder, name=name).submit(SSLTask(cfg, resume))
+    job = slurm.make_executor(cfg, slurm.DDP_JOB, folder=folder, name=name).submit(SSLTask(cfg, resume))
     print(f"ssl: submitted job {job.job_id} (logs in {folder})")
     return job
 
@@ -343,17 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
+
+    def train() -> None:
         cfg = load_config(args.config, args.overrides)
         train_ssl(cfg, resume=args.resume, progress=not args.quiet, stop_at_step=args.stop_at_step)
-    except (ConfigError, StageError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_entry(train, (ConfigError, StageError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
