@@ -3,7 +3,7 @@
 Shared by training-time evaluation, the ensemble stage and ``python -m pipeline eval``. A task is a
 folder ``<eval_root>/<task>/`` in one of these forms (docs/ensemble.md):
 
-* **webdataset** (what ``pipeline/demo_data.py`` writes): ``task.json`` with ``{"type":
+* **webdataset** (what ``pipeline/demo`` writes): ``task.json`` with ``{"type":
   "classification", "classnames": [...], "templates": [...]}`` or ``{"type": "retrieval"}`` and
   shards ``test-*.tar`` (or the ``shards`` listed in task.json). Classification samples are
   ``<key>.jpg`` + ``<key>.cls`` (ascii int label); retrieval samples are ``<key>.jpg`` +
