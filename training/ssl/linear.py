@@ -28,7 +28,7 @@ from torch import nn
 from pipeline import artifacts
 from pipeline.artifacts import atomic_path, file_fingerprint, write_text
 from pipeline.config import PipelineConfig
-from training.ssl.config import LinearEvalConfig
+from pipeline.sections import LinearEvalConfig
 
 log = logging.getLogger("training")
 
