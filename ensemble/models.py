@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import PipelineConfig
-from pipeline.safeload import LOAD_ERRORS, UnreadableFileError, first_line, refuse_message
+from pipeline.errors import UnreadableFileError
+from pipeline.safeload import LOAD_ERRORS, first_line, refuse_message
 from training.models import register_model_configs
 
 log = logging.getLogger("pipeline")

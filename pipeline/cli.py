@@ -13,10 +13,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.artifacts import CorruptArtifactError
-from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
+from pipeline.config import PipelineConfig, add_config_args, load_config
+from pipeline.errors import ConfigError, CorruptArtifactError, StageError
 from pipeline.lineage import remember_invocation, suggest
-from pipeline.runner import STAGE_MODULES, StageError, run_stage, stage_status
+from pipeline.runner import STAGE_MODULES, run_stage, stage_status
 
 log = logging.getLogger("pipeline")
 

@@ -21,11 +21,11 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.errors import ConfigError
 from pipeline.sections import (
     DEMO_DOMAINS,
     AssignConfig,
     ClusterConfig,
-    ConfigError,
     DataConfig,
     DemoDataConfig,
     EmbedConfig,

@@ -16,9 +16,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
+from pipeline.config import PipelineConfig, add_config_args, load_config
+from pipeline.errors import ConfigError, StageError
 from pipeline.lineage import remember_invocation
-from pipeline.runner import StageError, run_stage
+from pipeline.runner import run_stage
 
 
 def env_rank() -> tuple[int, int, int]:

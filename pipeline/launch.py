@@ -36,7 +36,8 @@ from submitit.core.core import Job
 from submitit.core.utils import DelayedSubmission
 
 from pipeline import artifacts
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
 from pipeline.runner import (
     STAGE_MODULES,
     StageError,

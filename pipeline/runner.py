@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from pipeline import artifacts, lineage
 from pipeline.config import PipelineConfig, config_hash, diff_keys, dump_yaml, to_jsonable
+from pipeline.errors import StageError
 
 log = logging.getLogger("pipeline")
 
@@ -43,9 +44,6 @@ STAGE_MODULES = {
 }
 """Sharded/global stages run by this runner, in pipeline order (training has its own entry point)."""
 
-
-class StageError(RuntimeError):
-    """A stage cannot run or did not complete; the message says what to do."""
 
 
 @dataclass(frozen=True)

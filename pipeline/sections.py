@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line naming the key."""
+from pipeline.errors import ConfigError
 
 
 @dataclass(kw_only=True)

@@ -27,8 +27,9 @@ import torch
 from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
+from pipeline.errors import UnreadableFileError
 from pipeline.runner import Shard
-from pipeline.safeload import UnreadableFileError, load_npy, read_parquet
+from pipeline.safeload import load_npy, read_parquet
 from stages import generations, kmeans
 from stages.cluster import embed_outputs, load_centers
 

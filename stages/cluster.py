@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from pipeline import artifacts
-from pipeline.config import ConfigError, PipelineConfig, to_jsonable
+from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
+from pipeline.errors import ConfigError, UnreadableFileError
 from pipeline.runner import Shard
-from pipeline.safeload import UnreadableFileError, torch_load
+from pipeline.safeload import torch_load
 from stages import kmeans
 
 UPSTREAM = ("embed",)

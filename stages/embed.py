@@ -35,7 +35,8 @@ import numpy as np
 from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import torchrun_stage
-from pipeline.runner import Shard, StageError
+from pipeline.errors import StageError
+from pipeline.runner import Shard
 from pipeline.safeload import read_parquet
 from stages import text_encoder
 from stages.text_encoder import DEVICE_ENV

@@ -36,7 +36,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline.artifacts import write_json
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _MTIME = 1704067200  # fixed tar header time: the same input gives the same bytes

@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline import artifacts
 from pipeline.artifacts import atomic_path
-from pipeline.runner import StageError
+from pipeline.errors import StageError
 from pipeline.safeload import torch_load
 from training.models import unwrap
 

@@ -34,7 +34,6 @@ import torch.distributed as dist
 
 from pipeline.artifacts import (
     MANIFEST,
-    CorruptArtifactError,
     git_sha,
     read_json,
     remove_stale_temps,
@@ -51,8 +50,8 @@ from pipeline.config import (
     load_config,
     to_jsonable,
 )
+from pipeline.errors import CorruptArtifactError, StageError
 from pipeline.lineage import remember_invocation, suggest
-from pipeline.runner import StageError
 from training import checkpoint as ckpt
 from training import lineage, runs
 from training.data import num_experts

@@ -18,7 +18,7 @@ import open_clip
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.safeload import LOAD_ERRORS, first_line
 
 log = logging.getLogger("training")
@@ -120,7 +120,8 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     Accepts a plain state dict, ``open_clip_train``'s checkpoint (``{"epoch", "name", "state_dict",
     "optimizer", ...}`` with DDP's ``module.`` prefixes) and our training checkpoints (``model``).
     """
-    from pipeline.safeload import UnreadableFileError, torch_load
+    from pipeline.errors import UnreadableFileError
+    from pipeline.safeload import torch_load
 
     try:
         obj = torch_load(path, key)

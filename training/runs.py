@@ -31,7 +31,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
 from training.loop import RunSpec
 
 SEED = "seed"

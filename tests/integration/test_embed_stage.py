@@ -17,7 +17,8 @@ import pytest
 
 from pipeline import artifacts
 from pipeline.config import load_config
-from pipeline.runner import StageError, run_stage
+from pipeline.errors import StageError
+from pipeline.runner import run_stage
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

@@ -11,7 +11,7 @@ import torch
 from pipeline import cli
 from pipeline.artifacts import read_json
 from pipeline.config import dump_yaml, load_config
-from pipeline.runner import StageError
+from pipeline.errors import StageError
 from training import checkpoint as ckpt
 from training.main import train_experts, training_status
 from training.metrics import read_metrics

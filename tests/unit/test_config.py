@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, PipelineConfig, config_hash, diff_keys, load_config, to_dict
+from pipeline.config import PipelineConfig, config_hash, diff_keys, load_config, to_dict
+from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import launch
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 
 SAMPLE = [
     "run.name=cc3m",

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from pipeline import artifacts
-from pipeline.config import ConfigError, load_config
-from pipeline.runner import StageError
-from pipeline.safeload import UnreadableFileError, torch_load
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, StageError, UnreadableFileError
+from pipeline.safeload import torch_load
 from training import checkpoint as ckpt
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError
 from training.loop import cpu_has_native_bf16, resolve_precision
 from training.losses import tau_lr_multiplier
 from training.models import create_model, parse_teacher

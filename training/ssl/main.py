@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import git_sha, read_json, write_json, write_text
-from pipeline.config import ConfigError, PipelineConfig, add_config_args, config_hash, dump_yaml, load_config
-from pipeline.runner import StageError
+from pipeline.config import PipelineConfig, add_config_args, config_hash, dump_yaml, load_config
+from pipeline.errors import ConfigError, StageError
 from training import checkpoint as ckpt
 from training.dist import DistContext, gather_objects, init_distributed, set_cpu_threads
 from training.losses.unimodal import UnimodalContrastiveLoss
