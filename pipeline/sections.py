@@ -22,6 +22,10 @@ from typing import Any, Literal
 
 from pipeline.errors import ConfigError
 
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16", "amp_bf16", "amp"]
+"""Precision spellings a config accepts: the canonical ``auto``, ``fp32``, ``bf16``, ``fp16`` and the
+aliases ``amp_bf16`` / ``amp`` (``pipeline.runtime.PRECISIONS`` / ``PRECISION_ALIASES``)."""
+
 
 @dataclass(kw_only=True)
 class RunConfig:
@@ -136,8 +140,9 @@ class EmbedConfig:
     """Captions per forward pass (not part of the config hash)."""
     dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of the feature files."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast while encoding: ``auto`` = bf16 on GPU and on CPUs with native bf16, else fp32."""
+    precision: PrecisionName = "auto"
+    """Autocast while encoding: ``auto`` = bf16 on GPU and on CPUs with native bf16, else fp32; ``fp32``,
+    ``bf16``, ``fp16`` (``amp_bf16`` / ``amp`` are accepted spellings of bf16 / fp16)."""
     normalize: bool = True
     """L2-normalise stored features."""
     max_seq_length: int = 0
@@ -248,9 +253,10 @@ class TrainConfig:
     force_image_size: int = 0
     """Input size of the image tower in pixels (``--force-image-size``); 0 = the model's; position
     embeddings of a pretrained checkpoint are interpolated."""
-    precision: Literal["auto", "fp32", "amp_bf16", "amp"] = "auto"
+    precision: PrecisionName = "auto"
     """``auto``: bf16 autocast on GPU and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32;
-    ``amp_bf16``; ``amp`` (fp16 + GradScaler, GPU); ``fp32``."""
+    ``bf16``; ``fp16`` (+ GradScaler, GPU); ``fp32``. These are the canonical names; ``amp_bf16`` (=
+    bf16) and ``amp`` (= fp16) are accepted spellings."""
     batch_size: int = 64
     """Per-process batch size."""
     steps: int = 600
@@ -727,7 +733,7 @@ class SSLConfig:
     """SogCLR ``--wd``: weight decay."""
     warmup_epochs: float = 10.0
     """Linear warm-up (epochs), then cosine to 0 (MoCo v3 schedule, per step)."""
-    precision: Literal["auto", "fp32", "amp_bf16", "amp"] = "auto"
+    precision: PrecisionName = "auto"
     """As ``train.precision``."""
     workers: int = 8
     """SogCLR ``--workers``: data-loader processes per rank."""

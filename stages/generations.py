@@ -32,9 +32,9 @@ import torch
 
 from pipeline import artifacts
 from pipeline.config import PipelineConfig
-from pipeline.distributed import resolve_device
 from pipeline.errors import ConfigError
 from pipeline.experts import generation_path, registry, registry_path
+from pipeline.runtime import resolve_device
 from pipeline.safeload import torch_load
 from stages import kmeans
 

@@ -7,7 +7,8 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
-from training.loop import cpu_has_native_bf16, resolve_precision
+from pipeline.runtime import cpu_has_native_bf16
+from training.loop import resolve_precision
 from training.losses import tau_lr_multiplier
 from training.models import create_model, parse_teacher
 from training.optim import (
