@@ -257,13 +257,10 @@ def cmd_shard(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """Print per-stage progress from the completion records."""
-    rows = [stage_status(cfg, name) for name in STAGE_MODULES]
-    try:
-        from training.main import training_status
+    from training.main import training_status  # the CLI dispatch may import training (lazily)
 
-        rows[-1:-1] = training_status(cfg)
-    except ImportError:
-        pass
+    rows = [stage_status(cfg, name) for name in STAGE_MODULES]
+    rows[-1:-1] = training_status(cfg)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

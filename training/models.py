@@ -238,8 +238,3 @@ def create_teacher(spec: str, device: torch.device | str) -> ModelBundle:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel (or the model itself)."""
     return getattr(model, "module", model)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in model.parameters())
