@@ -154,7 +154,7 @@ def _export_torch_distributed_env() -> None:
     """MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the submitit job (env:// init)."""
     if "SUBMITIT_EXECUTOR" not in os.environ and "SUBMITIT_DEBUG_JOB_ID" not in os.environ:
         return  # called outside a submitit job: plain single process, or torchrun already set them
-    # Each task keeps all node GPUs visible and picks cuda:LOCAL_RANK (pipeline.distributed).
+    # Each task keeps all node GPUs visible and picks cuda:LOCAL_RANK (pipeline.runtime).
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import StageError
+
 if TYPE_CHECKING:  # torch is imported where a device is resolved: a CPU-only stage's workers never load it
     import torch
 
@@ -105,7 +107,7 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0, key: 
     in the error.
 
     Raises:
-        RuntimeError: a CUDA device is named but CUDA is not available.
+        StageError: a CUDA device is named but CUDA is not available.
     """
     import torch
 
@@ -124,7 +126,7 @@ def device_name(name: str | torch.device = "auto", local_rank: int = 0, key: str
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"{key}: '{name}' requested but CUDA is not available")
+            raise StageError(f"{key}: '{name}' requested but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return str(device)

@@ -10,6 +10,7 @@ import torch
 
 from pipeline import runtime
 from pipeline.config import load_config
+from pipeline.errors import StageError
 from pipeline.sections import PrecisionName
 
 
@@ -43,5 +44,5 @@ def test_runtime_from_a_config_section():
     assert runtime.for_section(cfg, "prep") == runtime.Runtime()  # no device key: CPU, fp32
     assert pickle.loads(pickle.dumps(rt)) == rt  # travels to spawned pool workers as plain values
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="embed.device: 'cuda:1' requested but CUDA is not available"):
+        with pytest.raises(StageError, match="embed.device: 'cuda:1' requested but CUDA is not available"):
             runtime.for_section(load_config(None, ["embed.device=cuda:1"]), "embed")
