@@ -32,7 +32,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from paired import fmt, paired, record, set_threads  # noqa: E402
 
-from pipeline import artifacts  # noqa: E402
+from pipeline import artifacts, runtime  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import run_stage  # noqa: E402
 from stages import text_encoder  # noqa: E402
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     threads = set_threads(args.threads)
-    device = text_encoder.resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     captions = make_captions(args.captions)
     encoder = text_encoder.load_text_model("all-MiniLM-L6-v2", device=device)
     model = encoder.module
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['precision']:<10}{r['bare_cps']:>12}{r['stage_cps']:>13}{r['ratio']:>8}"
             f"{r['ratio_cpu_time']:>12}{r['min_cos']:>9}"
         )
-    native = text_encoder.cpu_has_native_bf16() if device.type == "cpu" else None
+    native = runtime.cpu_has_native_bf16() if device.type == "cpu" else None
     for r in rows:
         print(f"{r['precision']}: stage / bare {fmt(r['stage_vs_bare'])}")
     record(

@@ -52,8 +52,8 @@ from ensemble.scoring import Intervals, TaskScores, bootstrap_report, score_task
 from ensemble.systems import System, extra_columns, seed_convergence, systems_of, training_compute
 from pipeline import artifacts, experts
 from pipeline.config import PipelineConfig, to_jsonable
-from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
+from pipeline.runtime import Runtime
 from stages.cluster import load_centers
 from stages.generations import centers_upto, union_digest
 from stages.text_encoder import embed_texts
@@ -233,11 +233,12 @@ def _cached_meta(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _evaluate_model(
-    cfg: PipelineConfig, spec: ModelSpec, task: EvalTask, evaluator: ModuleType, path: Path, meta: dict[str, Any]
+    cfg: PipelineConfig, spec: ModelSpec, task: EvalTask, evaluator: ModuleType, path: Path, meta: dict[str, Any],
+    device: torch.device,
 ) -> tuple[int, Counter]:
     """Run one model on the task and save its outputs; returns (samples, skipped samples)."""
     skipped: Counter = Counter()
-    bundle = load_clip(cfg.train.model, spec.path, resolve_device(cfg.ensemble.device))
+    bundle = load_clip(cfg.train.model, spec.path, device)
     outputs = evaluator.evaluate(bundle, task, batch_size=cfg.ensemble.batch_size, skipped=skipped)
     num = int(next(iter(outputs.values())).shape[0])
     _save_pt(path, {**outputs, "meta": {**meta, "num_samples": num, "skipped": dict(skipped)}})
@@ -245,7 +246,7 @@ def _evaluate_model(
     return num, skipped
 
 
-def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
+def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path, runtime: Runtime) -> dict[str, Any]:
     """Evaluate every model on one task (reusing unchanged outputs) and route the task."""
     task = load_task(Path(cfg.data.eval_root) / shard.inputs["task"], shard.inputs["task"])
     evaluator = get_evaluator(shard.inputs["evaluator"])
@@ -269,7 +270,7 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
             samples, skipped = saved["num_samples"], Counter(saved.get("skipped", {}))
         else:
             evaluated += 1
-            samples, skipped = _evaluate_model(cfg, spec, task, evaluator, path, meta)
+            samples, skipped = _evaluate_model(cfg, spec, task, evaluator, path, meta, runtime.device)
     weights, summary, alternatives = route_task(cfg, task, evaluator, centers)
     _save_pt(out_dir / "routing.pt", {"weights": weights, "alternatives": alternatives})
     artifacts.write_json(out_dir / "routing.json", summary)

@@ -22,10 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-class CorruptArtifactError(ValueError):
-    """An artifact (manifest, record) exists but cannot be read back; the message says which."""
-
+from pipeline.errors import CorruptArtifactError
 
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"

@@ -13,10 +13,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.artifacts import CorruptArtifactError
-from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
+from pipeline.config import PipelineConfig, add_config_args, load_config
+from pipeline.errors import ConfigError, CorruptArtifactError, StageError
 from pipeline.lineage import remember_invocation, suggest
-from pipeline.runner import STAGE_MODULES, StageError, run_stage, stage_status
+from pipeline.runner import STAGE_MODULES, run_stage, stage_status
 
 log = logging.getLogger("pipeline")
 
@@ -276,7 +276,7 @@ def cmd_shard(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """Print per-stage progress from the completion records."""
-    from training.main import training_status
+    from training.main import training_status  # the CLI dispatch may import training (lazily)
 
     rows = [stage_status(cfg, name) for name in STAGE_MODULES]
     rows[-1:-1] = training_status(cfg)

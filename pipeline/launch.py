@@ -28,7 +28,8 @@ from submitit.core.utils import DelayedSubmission
 
 from pipeline import artifacts, slurm
 from pipeline.config import PipelineConfig
-from pipeline.runner import StageError, StagePlan, plan_stage, run_stage, stage_dir, stale_message
+from pipeline.errors import StageError
+from pipeline.runner import StagePlan, plan_stage, run_stage, stage_dir, stale_message
 from pipeline.slurm import LaunchError
 
 SHARDED_STAGES = ("prep", "embed", "assign")

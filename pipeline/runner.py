@@ -4,7 +4,8 @@ A stage is a module exposing plain functions (see docs/architecture.md):
 
 * ``hash_inputs(cfg) -> object``: the config values that define the outputs (hashed).
 * ``list_shards(cfg, stage_dir) -> list[Shard]``: the units of work, each with an input fingerprint.
-* ``process_shard(cfg, shard, stage_dir) -> dict``: do one shard, return its counts
+* ``process_shard(cfg, shard, stage_dir, runtime) -> dict``: do one shard on ``runtime``
+  (a :class:`pipeline.runtime.Runtime`: device, precision, rank), return its counts
   (``{"in": n, "out": n, "skipped": {reason: n}, ...}``). Outputs must be written atomically.
 * ``finalize(cfg, stage_dir, records) -> dict`` (optional): merge step; returns manifest fields.
 
@@ -31,6 +32,8 @@ from tqdm.auto import tqdm
 
 from pipeline import artifacts, lineage
 from pipeline.config import PipelineConfig, config_hash, diff_keys, dump_yaml, to_jsonable
+from pipeline.errors import StageError
+from pipeline.runtime import Runtime, for_section
 
 log = logging.getLogger("pipeline")
 
@@ -43,9 +46,6 @@ STAGE_MODULES = {
 }
 """Sharded/global stages run by this runner, in pipeline order (training has its own entry point)."""
 
-
-class StageError(RuntimeError):
-    """A stage cannot run or did not complete; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -198,12 +198,12 @@ def stale_message(cfg: PipelineConfig, name: str, plan: StagePlan) -> str:
 
 
 def _run_shard(
-    name: str, cfg: PipelineConfig, shard: Shard, sdir: Path, chash: str, upstream: dict | None = None
+    name: str, cfg: PipelineConfig, shard: Shard, sdir: Path, chash: str, upstream: dict, rt: Runtime
 ) -> dict:
     """Process one shard and write its completion record (after its outputs)."""
     module = load_stage(name)
     start = time.perf_counter()
-    counts = module.process_shard(cfg, shard, sdir)
+    counts = module.process_shard(cfg, shard, sdir, rt)
     record = {
         "shard": shard.name,
         "fingerprint": shard.fingerprint,
@@ -239,6 +239,7 @@ def run_stage(
     progress: bool = True,
     finalize: bool = True,
     redo_done: bool | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a stage; returns a summary (and writes the manifest when complete).
 
@@ -257,6 +258,8 @@ def run_stage(
             after a barrier).
         redo_done: with ``force``, also redo finished shards of a partial run (a forced SLURM
             array task redoes its whole range); default: only when the run covers every shard.
+        runtime: device, precision and rank the shards run with (default: from the stage's config
+            section and the launcher's environment, see ``pipeline.runtime.for_section``).
     """
     sdir = stage_dir(cfg, name)
     plan = plan_stage(cfg, name)  # lists the inputs first: bad inputs fail before anything is written
@@ -274,7 +277,8 @@ def run_stage(
         if manifest is not None:
             log.info("%s: all %d shard(s) already done; nothing to do", name, len(plan.shards))
             return {"stage": name, "ran": 0, "skipped": len(plan.done), "manifest": manifest}
-    failures = _execute(cfg, name, selected, sdir, (plan.config_hash, plan.upstream), workers, progress)
+    rt = runtime or for_section(cfg, name, progress=None if progress else False)
+    failures = _execute(cfg, name, selected, sdir, (plan.config_hash, plan.upstream), workers, progress, rt)
     if force and len(failures) < len(selected):
         # some outputs were replaced: the old manifest no longer describes the stage
         (sdir / artifacts.MANIFEST).unlink(missing_ok=True)
@@ -350,7 +354,7 @@ def _clear(sdir: Path, names: list[str]) -> None:
     (sdir / artifacts.MANIFEST).unlink(missing_ok=True)
 
 
-def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[str, str]]:
+def _execute(cfg, name, shards, sdir, chash, workers, progress, rt) -> list[tuple[str, str]]:
     """Run shards in-process or in a pool; return (shard, error) for the failures.
 
     ``chash`` is ``(config_hash, upstream lineage digests)``, both written into every record.
@@ -364,7 +368,7 @@ def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[st
     if workers <= 1 or len(shards) == 1:
         for shard in shards:
             try:
-                _run_shard(name, cfg, shard, sdir, chash, upstream)
+                _run_shard(name, cfg, shard, sdir, chash, upstream, rt)
             except Exception as exc:  # noqa: BLE001 - reported per shard, others continue
                 _log_failure(name, shard.name, exc)
                 failures.append((shard.name, _describe(exc)))
@@ -372,7 +376,7 @@ def _execute(cfg, name, shards, sdir, chash, workers, progress) -> list[tuple[st
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(shards)), mp_context=ctx) as pool:
-            futures = {pool.submit(_run_shard, name, cfg, s, sdir, chash, upstream): s for s in shards}
+            futures = {pool.submit(_run_shard, name, cfg, s, sdir, chash, upstream, rt): s for s in shards}
             for fut in as_completed(futures):
                 try:
                     fut.result()

@@ -13,16 +13,13 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from pipeline.runner import StageError
+from pipeline.errors import UnreadableFileError
 
 LOAD_ERRORS = (
     RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, AssertionError, IndexError,
 )
 """What torch/open_clip raise on truncated, corrupt or mismatched files (beside ``UnpicklingError``)."""
 
-
-class UnreadableFileError(StageError):
-    """A torch file that is unsafe (code in the pickle) or unreadable (truncated, corrupt)."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -26,8 +26,9 @@ from typing import Any
 import submitit
 from submitit.core.core import Job
 
-from pipeline.config import ConfigError, PipelineConfig
-from pipeline.runner import STAGE_MODULES, StageError
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError, StageError
+from pipeline.runner import STAGE_MODULES
 
 CPU_STAGES = ("prep",)
 """Stages whose jobs request no GPU."""

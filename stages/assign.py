@@ -26,9 +26,10 @@ import torch
 
 from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
-from pipeline.distributed import resolve_device
+from pipeline.errors import UnreadableFileError
 from pipeline.runner import Shard
-from pipeline.safeload import UnreadableFileError, load_npy, read_parquet
+from pipeline.runtime import Runtime
+from pipeline.safeload import load_npy, read_parquet
 from stages import generations, kmeans
 from stages.cluster import embed_outputs, load_centers
 
@@ -77,7 +78,7 @@ def output_path(stage_dir: Path, shard: str) -> Path:
     return stage_dir / "assign" / f"{shard}.parquet"
 
 
-def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
+def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path, runtime: Runtime) -> dict[str, Any]:
     """Assign one shard's pairs to their nearest fine centre."""
     fine, _, fine_to_coarse, _ = load_centers(cfg)
     fine, fine_to_coarse = generations.shard_centers(cfg, shard.name, fine, fine_to_coarse)
@@ -93,7 +94,7 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
     captions = read_parquet(cfg.run_dir / "prep" / "captions" / f"{shard.name}.parquet", "assign", ["pair_id", "key"])
     if captions.num_rows != feats.shape[0]:
         raise ValueError(f"{shard.name}: {feats.shape[0]} feature rows but {captions.num_rows} captions")
-    device = resolve_device(cfg.assign.device)
+    device = runtime.device
     if len(feats) and cfg.assign.capacity == "fit_bounds":
         ids, dist = kmeans.assign_capacity(
             feats, fine, metric=cfg.cluster.metric, balance_slack=cfg.cluster.balance_slack,

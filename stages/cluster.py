@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from pipeline import artifacts
-from pipeline.config import ConfigError, PipelineConfig, to_jsonable
-from pipeline.distributed import resolve_device
+from pipeline.config import PipelineConfig, to_jsonable
+from pipeline.errors import ConfigError, UnreadableFileError
 from pipeline.runner import Shard
-from pipeline.safeload import UnreadableFileError, torch_load
+from pipeline.runtime import Runtime
+from pipeline.safeload import torch_load
 from stages import kmeans
 
 UPSTREAM = ("embed",)
@@ -104,12 +105,12 @@ def load_sample(cfg: PipelineConfig, files: list[Path]) -> tuple[np.ndarray, tor
     return ids, torch.nn.functional.normalize(x, dim=1)
 
 
-def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
+def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path, runtime: Runtime) -> dict[str, Any]:
     """Fit fine and coarse clusters; write centres, map, sample ids, plot and statistics."""
     c = cfg.cluster
     _, files = embed_outputs(cfg)
     ids, x = load_sample(cfg, files)
-    device = resolve_device(c.device)
+    device = runtime.device
     if c.backend == "faiss":
         fine = kmeans.fit_faiss_kmeans(
             x, c.num_fine, niter=c.max_iter, seed=cfg.run.seed, spherical=c.metric == "cosine",

@@ -17,7 +17,8 @@ Multi-GPU (or multi-process CPU)::
     torchrun --nproc_per_node=N -m stages.embed --config configs/demo.yaml [--set k=v ...]
 
 Each rank takes every N-th shard on ``cuda:<local_rank>`` (CPU when there is no GPU); after a
-barrier rank 0 writes the manifest. The features do not depend on N.
+barrier rank 0 writes the manifest. The features do not depend on N. Device, precision and progress
+bars come as a :class:`pipeline.runtime.Runtime` argument (built once by the entry point).
 """
 
 from __future__ import annotations
@@ -35,18 +36,16 @@ import numpy as np
 from pipeline import artifacts
 from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import torchrun_stage
-from pipeline.runner import Shard, StageError
+from pipeline.errors import StageError
+from pipeline.runner import Shard
+from pipeline.runtime import Runtime, local_world_size
 from pipeline.safeload import read_parquet
 from stages import text_encoder
-from stages.text_encoder import DEVICE_ENV
 
 log = logging.getLogger("pipeline")
 
-PROGRESS_ENV = "MODE_EMBED_PROGRESS"
-"""``1``/``0`` forces the per-shard captions/s bar on/off (default: on a terminal, in-process only)."""
 _RUNTIME_KEYS = ("device", "batch_size")
 """Embed settings that do not change the features' meaning, so are kept out of the config hash."""
-_threads_configured = False
 
 
 # --------------------------------------------------------------------------- stage contract
@@ -94,19 +93,20 @@ def list_shards(cfg: PipelineConfig, stage_dir: Path) -> list[Shard]:
     return shards
 
 
-def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
-    """Embed one caption file into ``features/<shard>.npy``; return counts and model facts."""
+def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path, runtime: Runtime) -> dict[str, Any]:
+    """Embed one caption file into ``features/<shard>.npy`` on ``runtime``'s device and precision;
+    return counts and model facts."""
     captions = read_parquet(shard.inputs["captions"], "embed", ["caption"]).column("caption").to_pylist()
     texts = ["" if c is None else c for c in captions]
     empty = sum(1 for t in texts if not t.strip())
-    encoder = _encoder(cfg)
+    encoder = _encoder(cfg, runtime)
     result = encoder.encode(
         texts,
         batch_size=cfg.embed.batch_size,
-        precision=cfg.embed.precision,
+        precision=runtime.precision,
         normalize=cfg.embed.normalize,
         max_length=cfg.embed.max_seq_length,
-        progress=_progress(),
+        progress=_progress(runtime),
         desc=f"embed {shard.name}",
     )
     with artifacts.atomic_path(features_path(stage_dir, shard.name)) as tmp, open(tmp, "wb") as fh:
@@ -121,7 +121,7 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
         "dim": encoder.dim,
         "normalized": bool(cfg.embed.normalize or encoder.normalizes),
         "max_seq_length": encoder.effective_max_length(cfg.embed.max_seq_length),
-        "precision": text_encoder.resolve_precision(cfg.embed.precision, encoder.device),
+        "precision": runtime.precision,
         "device": str(encoder.device),
     }
 
@@ -170,45 +170,29 @@ def load_features(stage_dir: str | Path) -> tuple[dict[str, Any], list[np.ndarra
     return manifest, [np.load(stage_dir / rel, mmap_mode="r") for rel in manifest["outputs"]]
 
 
-# --------------------------------------------------------------------------- runtime settings
+# --------------------------------------------------------------------------- runtime
 
 
-def set_runtime(*, device: str | None = None, progress: bool | None = None) -> None:
-    """Runtime choices kept out of the config (and its hash).
-
-    Stored in environment variables so spawned pool workers and re-imported modules see them.
-    """
-    if device is not None:
-        os.environ[DEVICE_ENV] = device
-    if progress is not None:
-        os.environ[PROGRESS_ENV] = "1" if progress else "0"
-
-
-def _progress() -> bool | None:
-    flag = os.environ.get(PROGRESS_ENV)
-    if flag is not None:
-        return flag == "1"
+def _progress(runtime: Runtime) -> bool | None:
+    """The per-shard captions/s bar: as the runtime says, else on a terminal and in-process only."""
+    if runtime.progress is not None:
+        return runtime.progress
     # Several pool workers writing bars to one terminal garble it; the runner's shard bar suffices.
     return False if multiprocessing.parent_process() is not None else None
 
 
-def _encoder(cfg: PipelineConfig) -> text_encoder.TextEncoder:
-    device = text_encoder.resolve_device(cfg.embed.device)
-    if device.type == "cpu":
-        _configure_threads(cfg)
-    return text_encoder.load_text_model(cfg.embed.model, device=device, pooling=cfg.embed.pooling)
+def _encoder(cfg: PipelineConfig, runtime: Runtime) -> text_encoder.TextEncoder:
+    if runtime.device.type == "cpu":
+        _share_cores(cfg)
+    return text_encoder.load_text_model(cfg.embed.model, device=runtime.device, pooling=cfg.embed.pooling)
 
 
-def _configure_threads(cfg: PipelineConfig) -> None:
+def _share_cores(cfg: PipelineConfig) -> None:
     """Share the cores among pool workers / local ranks instead of oversubscribing them."""
-    global _threads_configured
-    if _threads_configured:
-        return
-    _threads_configured = True
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    procs = local_world_size()
     if multiprocessing.parent_process() is not None:
         procs *= max(1, cfg.run.workers)
     if procs > 1:
@@ -218,25 +202,10 @@ def _configure_threads(cfg: PipelineConfig) -> None:
 # --------------------------------------------------------------------------- torchrun entry point
 
 
-def _rank_device(cfg: PipelineConfig, local_rank: int) -> str:
-    import torch
-
-    wanted = os.environ.get(DEVICE_ENV) or cfg.embed.device
-    if wanted in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{local_rank % torch.cuda.device_count()}"
-    return "cpu" if wanted == "auto" else wanted
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """torchrun entry: each rank embeds its stride of shards; rank 0 then writes the manifest."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = list(argv) if argv is not None else sys.argv[1:]
-    quiet = "--quiet" in args
-
-    def setup(cfg: PipelineConfig, local_rank: int) -> None:
-        set_runtime(device=_rank_device(cfg, local_rank), progress=False if quiet else None)
-
-    return torchrun_stage("embed", args, setup=setup)
+    return torchrun_stage("embed", list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from pipeline import artifacts
-from pipeline.config import ConfigError, PipelineConfig
-from pipeline.distributed import resolve_device
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
 from pipeline.experts import generation_path, registry, registry_path
+from pipeline.runtime import resolve_device
 from pipeline.safeload import torch_load
 from stages import kmeans
 
@@ -141,7 +142,8 @@ def _check(cfg: PipelineConfig, num_experts: int, num_fine: int) -> None:
         raise ConfigError(f"add-experts: --num-experts must be >= 1, got {num_experts}")
     if num_fine < num_experts:
         raise ConfigError(f"add-experts: --num-fine ({num_fine}) must be >= --num-experts ({num_experts})")
-    from pipeline.runner import StageError, plan_stage
+    from pipeline.errors import StageError
+    from pipeline.runner import plan_stage
 
     plan = plan_stage(cfg, "cluster")
     if plan.upstream_stale or plan.stale or plan.todo:

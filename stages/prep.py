@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from pipeline import artifacts, wds
 from pipeline.config import PipelineConfig
 from pipeline.runner import Shard
+from pipeline.runtime import Runtime
 from stages.sources import InputShard, expand_sources
 
 SCHEMA = pa.schema(
@@ -91,8 +92,9 @@ def caption_path(stage_dir: Path, shard: str) -> Path:
     return stage_dir / "captions" / f"{shard}.parquet"
 
 
-def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[str, Any]:
-    """Extract captions of one shard; pair ids are filled in by :func:`finalize`."""
+def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path, runtime: Runtime) -> dict[str, Any]:
+    """Extract captions of one shard (on the CPU, whatever ``runtime`` says); pair ids are filled in by
+    :func:`finalize`."""
     src = InputShard(shard.name, shard.inputs["path"], shard.inputs["kind"], shard.inputs["source"])
     skipped: Counter = Counter()
     reader = _read_csv if src.kind == "csv" else _read_tar

@@ -36,7 +36,7 @@ from PIL import Image
 
 from pipeline import wds
 from pipeline.artifacts import write_json
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 IMAGE_SUFFIXES = tuple(f".{e}" for e in (*wds.IMAGE_EXTS, "bmp", "gif", "tif", "tiff"))
 _MTIME = 1704067200  # fixed tar header time: the same input gives the same bytes

@@ -33,12 +33,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from pipeline.runtime import resolve_device, resolve_precision  # noqa: E402
+
 log = logging.getLogger("pipeline")
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED_NAMES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
-DEVICE_ENV = "MODE_EMBED_DEVICE"
-"""Runtime device override (e.g. ``cuda:3``); set per rank by the torchrun entry point."""
 POOLINGS = ("model", "cls_pooler")
 _CHUNK = 65536
 """Captions tokenized and length-sorted together; bounds memory on very large shards."""
@@ -47,41 +47,7 @@ _CACHE: dict[tuple[str, str, str], TextEncoder] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-# --------------------------------------------------------------------------- device and precision
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The device to encode on: ``$MODE_EMBED_DEVICE``, else ``device``; ``auto`` prefers CUDA."""
-    choice = os.environ.get(DEVICE_ENV) or str(device)
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(choice)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"embed device '{choice}' requested but CUDA is not available")
-    return dev
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AMX or AVX512-BF16).
-
-    A bf16 matmul *works* on every CPU, but without these units it is emulated and several times
-    slower than fp32, so a trial matmul would be the wrong test.
-    """
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    try:
-        return torch.backends.mkldnn.is_available() and any(getattr(cpu, c)() for c in checks)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → ``bf16`` on GPUs with bf16 (else ``fp16``) and on CPUs with native bf16, else ``fp32``."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+# --------------------------------------------------------------------------- precision
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -208,7 +174,8 @@ class TextEncoder:
         Args:
             texts: the texts ("" is allowed and gets a row).
             batch_size: texts per forward pass.
-            precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (autocast).
+            precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (autocast; ``amp_bf16`` / ``amp`` too),
+                resolved for this encoder's device by ``pipeline.runtime.resolve_precision``.
             normalize: L2-normalise the rows (a no-op for models that already do).
             max_length: token limit (0 = the model's own); longer texts are cut and counted.
             progress: show a captions/s bar (``None``: only on a terminal).
@@ -288,7 +255,8 @@ def load_text_model(
     Args:
         name_or_path: ``all-MiniLM-L6-v2`` (bundled, offline), a local sentence-transformers or
             Hugging Face folder, or a hub name already in the local cache.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...; ``$MODE_EMBED_DEVICE`` overrides it.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``... (a torchrun rank passes its
+            ``Runtime.device``).
         pooling: ``model`` (sentence-transformers pooling) or ``cls_pooler`` (BERT ``pooler_output``).
     """
     if pooling not in POOLINGS:
@@ -299,12 +267,13 @@ def load_text_model(
     with _CACHE_LOCK:
         if key not in _CACHE:
             loader = _load_cls_pooler if pooling == "cls_pooler" else _load_sentence_transformer
-            _CACHE[key] = loader(name_or_path, path, dev)
+            _CACHE[key] = TextEncoder(name_or_path, path, pooling, dev, *loader(name_or_path, path, dev))
             log.info("embed: loaded %s (%s, %d-d) on %s", name_or_path, pooling, _CACHE[key].dim, dev)
         return _CACHE[key]
 
 
-def _load_sentence_transformer(name: str, path: Path, device: torch.device) -> TextEncoder:
+def _load_sentence_transformer(name: str, path: Path, device: torch.device) -> tuple:
+    """(module, tokenizer, dim, max_length, normalizes, position_limit) of a sentence-transformers folder."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(path), device=str(device), local_files_only=True)
@@ -314,23 +283,14 @@ def _load_sentence_transformer(name: str, path: Path, device: torch.device) -> T
         raise ValueError(f"embed model '{name}' has no text tokenizer; it cannot embed captions")
     dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else None
     dim = dim or model.get_sentence_embedding_dimension()
-    config = getattr(model[0], "config", None)
-    return TextEncoder(
-        name=name,
-        path=path,
-        pooling="model",
-        device=device,
-        module=model,
-        tokenizer=tokenizer,
-        dim=int(dim),
-        max_length=int(model.max_seq_length),
-        # By class name: the module moved between sentence-transformers versions.
-        normalizes=any(type(m).__name__ == "Normalize" for m in model),
-        position_limit=getattr(config, "max_position_embeddings", None),
-    )
+    limit = getattr(getattr(model[0], "config", None), "max_position_embeddings", None)
+    # Normalize by class name: the module moved between sentence-transformers versions.
+    normalizes = any(type(m).__name__ == "Normalize" for m in model)
+    return model, tokenizer, int(dim), int(model.max_seq_length), normalizes, limit
 
 
-def _load_cls_pooler(name: str, path: Path, device: torch.device) -> TextEncoder:
+def _load_cls_pooler(name: str, path: Path, device: torch.device) -> tuple:
+    """(module, tokenizer, dim, max_length, normalizes, position_limit) of a BERT-style folder."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -342,24 +302,7 @@ def _load_cls_pooler(name: str, path: Path, device: torch.device) -> TextEncoder
     model.to(device).eval()
     limit = getattr(model.config, "max_position_embeddings", None)
     own = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else (limit or 512)
-    return TextEncoder(
-        name=name,
-        path=path,
-        pooling="cls_pooler",
-        device=device,
-        module=model,
-        tokenizer=tokenizer,
-        dim=int(model.config.hidden_size),
-        max_length=int(min(own, limit or own)),
-        normalizes=False,
-        position_limit=limit,
-    )
-
-
-def clear_model_cache() -> None:
-    """Forget the loaded models (tests, or to free memory)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    return model, tokenizer, int(model.config.hidden_size), int(min(own, limit or own)), False, limit
 
 
 # --------------------------------------------------------------------------- reuse by other stages

@@ -21,10 +21,10 @@ from torch import nn
 
 from pipeline import artifacts
 from pipeline.artifacts import atomic_path
-from pipeline.runner import StageError
+from pipeline.errors import StageError
+from pipeline.runtime import Runtime, gather_objects
 from pipeline.safeload import torch_load
 from training import runs
-from training.dist import DistContext, gather_objects
 from training.models import unwrap
 
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -65,7 +65,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def save_step(
-    ctx: DistContext,
+    ctx: Runtime,
     run_dir: Path,
     step: int,
     state: Callable[[], dict[str, Any]],

@@ -61,8 +61,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import wds
 from pipeline.artifacts import read_manifest
-from pipeline.config import ConfigError, PipelineConfig
-from pipeline.runner import StageError
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError, StageError
 from training import models
 
 log = logging.getLogger("training")

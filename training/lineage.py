@@ -132,7 +132,8 @@ def _regenerated(cfg: PipelineConfig, stage: str, changed: list[str], current: d
 
 def upstream_stale(cfg: PipelineConfig, *, uses_assign: bool) -> str:
     """Why the stage a run reads is itself stale under the current config ('' when it is not)."""
-    from pipeline.runner import StageError, plan_stage, stale_reason
+    from pipeline.errors import StageError
+    from pipeline.runner import plan_stage, stale_reason
 
     stage = data_stage(uses_assign)
     try:
@@ -152,7 +153,7 @@ def check_upstream(cfg: PipelineConfig, run: str, *, uses_assign: bool, done: di
     Raises:
         StageError: the stage the run reads is stale, or shards a finished run consumed changed.
     """
-    from pipeline.runner import StageError
+    from pipeline.errors import StageError
 
     reason = upstream_stale(cfg, uses_assign=uses_assign)
     if reason:

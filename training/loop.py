@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline import runtime
 from pipeline.config import TrainConfig
+from pipeline.runtime import Runtime
 from training import checkpoint as ckpt
 from training.data import Batch
-from training.dist import DistContext
 from training.losses import ContrastiveLoss
 from training.metrics import MetricsLogger
 from training.models import unwrap
@@ -53,33 +54,22 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AMX or AVX512-BF16); elsewhere bf16 is emulated."""
-    cpu = getattr(torch, "cpu", None)
-    try:
-        checks = (cpu._is_amx_tile_supported, cpu._is_avx512_bf16_supported)
-        return torch.backends.mkldnn.is_available() and any(check() for check in checks)
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """The autocast policy of ``train.precision`` on ``device``.
+    """The autocast policy of ``train.precision`` (any spelling, see ``pipeline.runtime``) on ``device``.
 
-    ``fp32``; ``amp_bf16`` (bf16 autocast, CPU too); ``amp`` (fp16 + GradScaler on GPU, bf16 on
-    CPU); ``auto`` (bf16 on GPU and on CPUs with native bf16, else fp32).
+    ``fp32``; ``bf16`` (bf16 autocast, CPU too); ``fp16`` (fp16 autocast + GradScaler on GPU, bf16 on
+    other devices); ``auto`` (bf16 on GPU and on CPUs with native bf16, else fp32).
     """
-    if name == "auto":
-        name = "amp_bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
-    if name == "amp" and device.type != "cuda":
-        log.warning("train.precision: 'amp' (fp16) needs a GPU; using bf16 autocast on %s", device.type)
-        name = "amp_bf16"
-    if name == "amp_bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    name = runtime.resolve_precision(name, device)
+    if name == "fp16" and device.type != "cuda":
+        log.warning("train.precision: fp16 ('amp') needs a GPU; using bf16 autocast on %s", device.type)
+        name = "bf16"
+    if name == "bf16" and device.type == "cpu" and not runtime.cpu_has_native_bf16():
         log.warning(
             "train.precision: this CPU has no native bf16 (AMX / AVX512-BF16), so bf16 autocast is "
             "emulated and several times slower than fp32; consider train.precision: fp32"
         )
-    dtype = {"fp32": None, "amp_bf16": torch.bfloat16, "amp": torch.float16}[name]
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     return Precision(name, device.type, dtype)
 
 
@@ -148,7 +138,7 @@ class Trainer:
 
     cfg: TrainConfig
     spec: RunSpec
-    ctx: DistContext
+    ctx: Runtime
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler

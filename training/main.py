@@ -32,7 +32,6 @@ from typing import Any
 
 from pipeline.artifacts import (
     MANIFEST,
-    CorruptArtifactError,
     git_sha,
     read_json,
     remove_stale_temps,
@@ -49,12 +48,12 @@ from pipeline.config import (
     load_config,
     to_jsonable,
 )
+from pipeline.errors import CorruptArtifactError, StageError
 from pipeline.lineage import remember_invocation, suggest
-from pipeline.runner import StageError
+from pipeline.runtime import Runtime, barrier, broadcast_object, init_distributed, set_cpu_threads
 from training import checkpoint as ckpt
 from training import lineage, runs
 from training.data import num_experts
-from training.dist import DistContext, barrier, broadcast_object, init_distributed, set_cpu_threads
 from training.launch import run_entry
 from training.loop import RunSpec
 from training.models import create_model
@@ -156,7 +155,7 @@ def _clear_run(spec: RunSpec) -> None:
         (spec.run_dir / name).unlink(missing_ok=True)
 
 
-def choose_restore(spec: RunSpec, ctx: DistContext, resume: str, identity: dict[str, Any]) -> Restore:
+def choose_restore(spec: RunSpec, ctx: Runtime, resume: str, identity: dict[str, Any]) -> Restore:
     """Which checkpoint the run starts from (``latest``, ``none`` or a path), checked for resumability."""
     path: Path | None = None
     if resume == "none":
@@ -183,7 +182,7 @@ def choose_restore(spec: RunSpec, ctx: DistContext, resume: str, identity: dict[
     return Restore(state, path, resume=True)
 
 
-def _warn_branch_world_size(restore: Restore, ctx: DistContext) -> None:
+def _warn_branch_world_size(restore: Restore, ctx: Runtime) -> None:
     if restore.state is not None and not restore.resume and restore.state.get("world_size") != ctx.world_size:
         log.warning(
             "the seed ran with %s process(es), this expert with %d: the global batch changes at the branch",
@@ -195,7 +194,7 @@ def _warn_branch_world_size(restore: Restore, ctx: DistContext) -> None:
 def _finalize(
     cfg: PipelineConfig,
     spec: RunSpec,
-    ctx: DistContext,
+    ctx: Runtime,
     model,
     identity: dict[str, Any],
     summary: dict[str, Any],
@@ -226,7 +225,7 @@ def _finalize(
 
 
 def _export_branch_only(
-    cfg: PipelineConfig, spec: RunSpec, ctx: DistContext, restore: Restore, identity: dict[str, Any]
+    cfg: PipelineConfig, spec: RunSpec, ctx: Runtime, restore: Restore, identity: dict[str, Any]
 ) -> dict[str, Any]:
     """A run with no steps of its own (seed_steps == steps) is the seed model."""
     bundle = create_model(cfg.train.model, "", "cpu")
@@ -237,7 +236,7 @@ def _export_branch_only(
 
 
 def _skip_finished(
-    spec: RunSpec, ctx: DistContext, resume: str, identity: dict[str, Any], cfg: PipelineConfig | None = None
+    spec: RunSpec, ctx: Runtime, resume: str, identity: dict[str, Any], cfg: PipelineConfig | None = None
 ) -> dict[str, Any] | None:
     """The result of a finished run with the same config (None when it has to run)."""
     done = _finished(spec)
@@ -258,7 +257,7 @@ def _skip_finished(
 def _train(
     cfg: PipelineConfig,
     spec: RunSpec,
-    ctx: DistContext,
+    ctx: Runtime,
     restore: Restore,
     identity: dict[str, Any],
     progress: bool,
@@ -291,7 +290,7 @@ def _train(
 def train_run(
     cfg: PipelineConfig,
     spec: RunSpec,
-    ctx: DistContext,
+    ctx: Runtime,
     *,
     resume: str = "latest",
     progress: bool = True,
@@ -355,7 +354,7 @@ def train_experts(
     targets = runs.parse_targets(cfg, expert, e)
     if resume not in ("latest", "none") and len(targets) > 1:
         raise ConfigError("--resume <path> needs a single run (--expert seed, an index or one baseline run)")
-    ctx = init_distributed(cfg.train.device)
+    ctx = init_distributed(cfg.train.device, cfg.train.precision)
     set_cpu_threads(ctx, cfg.train.workers)
     results = []
     for target in targets:

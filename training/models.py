@@ -18,7 +18,7 @@ import open_clip
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.safeload import LOAD_ERRORS, first_line
 
 log = logging.getLogger("training")
@@ -120,7 +120,8 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     Accepts a plain state dict, ``open_clip_train``'s checkpoint (``{"epoch", "name", "state_dict",
     "optimizer", ...}`` with DDP's ``module.`` prefixes) and our training checkpoints (``model``).
     """
-    from pipeline.safeload import UnreadableFileError, torch_load
+    from pipeline.errors import UnreadableFileError
+    from pipeline.safeload import torch_load
 
     try:
         obj = torch_load(path, key)
@@ -237,8 +238,3 @@ def create_teacher(spec: str, device: torch.device | str) -> ModelBundle:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel (or the model itself)."""
     return getattr(model, "module", model)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in model.parameters())

@@ -38,7 +38,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import ConfigError, PipelineConfig, add_config_args, load_config
+from pipeline.config import PipelineConfig, add_config_args, load_config
+from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     from training.loop import RunSpec

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.config import ConfigError, PipelineConfig
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError
+from pipeline.runtime import Runtime
 from training import checkpoint as ckpt
 from training.data import (
     Batch,
@@ -27,7 +29,6 @@ from training.data import (
     load_expert_data,
     resolve_split,
 )
-from training.dist import DistContext
 from training.evaluation.tasks import classification_tasks
 from training.evaluation.zeroshot import ZeroShotEvaluator
 from training.loop import Precision, RunSpec, Teacher, Trainer, TrainState, resolve_precision
@@ -58,7 +59,7 @@ def filled_loss_config(cfg: PipelineConfig, data: ExpertData) -> LossConfig:
     return dataclasses.replace(cfg.loss, data_size=data.num_pairs)
 
 
-def build_model(cfg: PipelineConfig, ctx: DistContext) -> ModelBundle:
+def build_model(cfg: PipelineConfig, ctx: Runtime) -> ModelBundle:
     """The student: same random init on every rank (seeded), or ``train.pretrained``."""
     torch.manual_seed(cfg.run.seed)
     t = cfg.train
@@ -78,7 +79,7 @@ def build_model(cfg: PipelineConfig, ctx: DistContext) -> ModelBundle:
 
 
 def build_teacher(
-    cfg: PipelineConfig, student: nn.Module, ctx: DistContext, loss_cfg: LossConfig
+    cfg: PipelineConfig, student: nn.Module, ctx: Runtime, loss_cfg: LossConfig
 ) -> Teacher | None:
     """The frozen reference model of ``train.teacher`` (None when unset or unused)."""
     if not cfg.train.teacher:
@@ -103,7 +104,7 @@ def init_logit_scale(model: nn.Module, loss: ContrastiveLoss, cfg: PipelineConfi
             model.logit_scale.fill_(float(init))
 
 
-def build_layout(cfg: PipelineConfig, data: ExpertData, ctx: DistContext) -> StreamLayout:
+def build_layout(cfg: PipelineConfig, data: ExpertData, ctx: Runtime) -> StreamLayout:
     """How this job's ranks and workers share the stream."""
     workers = max(1, cfg.train.workers)
     split = resolve_split(cfg.train.data_split, data, ctx.world_size * workers)
@@ -149,7 +150,7 @@ def initial_state(spec: RunSpec, restore: Restore) -> TrainState:
     return TrainState(step=int(restore.state["step"]), batches=0, epoch_offset=math.ceil(fraction - 1e-9))
 
 
-def seed_or_restore_rng(cfg: PipelineConfig, ctx: DistContext, restore: Restore) -> None:
+def seed_or_restore_rng(cfg: PipelineConfig, ctx: Runtime, restore: Restore) -> None:
     """Per-rank RNG: the saved states on resume, else ``run.seed + rank``."""
     if restore.resume and restore.state is not None:
         ckpt.set_rng_state(restore.state["rng"][ctx.rank])
@@ -159,7 +160,7 @@ def seed_or_restore_rng(cfg: PipelineConfig, ctx: DistContext, restore: Restore)
     random.seed(cfg.run.seed + ctx.rank)
 
 
-def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+def wrap_ddp(model: nn.Module, ctx: Runtime) -> nn.Module:
     """DistributedDataParallel for more than one process."""
     if not ctx.distributed:
         return model
@@ -168,7 +169,7 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 def build_evaluator(
-    cfg: PipelineConfig, bundle: ModelBundle, ctx: DistContext, precision: Precision
+    cfg: PipelineConfig, bundle: ModelBundle, ctx: Runtime, precision: Precision
 ) -> ZeroShotEvaluator | None:
     """Zero-shot evaluator on rank 0 when ``train.eval_every`` > 0 and eval tasks exist."""
     if not ctx.is_main or cfg.train.eval_every == 0:
@@ -207,7 +208,7 @@ def layout_info(layout: StreamLayout) -> dict[str, Any]:
 def build_batches(
     cfg: PipelineConfig,
     spec: RunSpec,
-    ctx: DistContext,
+    ctx: Runtime,
     bundle: ModelBundle,
     data: ExpertData,
     batches_done: int,
@@ -244,7 +245,7 @@ class Optimisation:
 
 
 def build_optimisation(
-    cfg: PipelineConfig, ctx: DistContext, data: ExpertData, precision: Precision, restore: Restore
+    cfg: PipelineConfig, ctx: Runtime, data: ExpertData, precision: Precision, restore: Restore
 ) -> Optimisation:
     """Model, teacher, loss, AdamW and grad scaler, restored from ``restore`` when given."""
     loss_cfg = filled_loss_config(cfg, data)
@@ -263,7 +264,7 @@ def build_optimisation(
 def build_trainer(
     cfg: PipelineConfig,
     spec: RunSpec,
-    ctx: DistContext,
+    ctx: Runtime,
     restore: Restore,
     extra: dict[str, Any],
     progress: bool = True,

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.artifacts import read_json
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from training import checkpoint as ckpt
 from training.main import train_experts, training_status
 from training.metrics import read_metrics

@@ -11,7 +11,8 @@ import torch
 
 from pipeline import artifacts
 from pipeline.config import load_config
-from pipeline.runner import StageError, run_stage
+from pipeline.errors import StageError
+from pipeline.runner import run_stage
 from tests.conftest import overrides, pair_members, write_shard
 
 PAIRS_PER_SHARD, SHARDS, DIM = 40, 4, 16

@@ -16,7 +16,8 @@ import pytest
 
 from pipeline import artifacts
 from pipeline.config import load_config
-from pipeline.runner import StageError, run_stage
+from pipeline.errors import StageError
+from pipeline.runner import run_stage
 from tests.conftest import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,6 +138,8 @@ def test_torchrun_two_processes_gives_the_same_features(prepped):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0/2: ran 2 shard(s)" in proc.stdout and "rank 1/2: ran 1 shard(s)" in proc.stdout
+    # the last line says what all ranks did, not rank 0's final pass ("ran 0 shard(s), skipped 3")
+    assert proc.stdout.strip().splitlines()[-1].startswith("embed: 2 rank(s) ran 3 shard(s) in all, 0 already done")
     manifest = artifacts.read_manifest(two / "embed")
     assert manifest["num_pairs"] == 9 and manifest["counts"]["out"] == 9
     np.testing.assert_allclose(

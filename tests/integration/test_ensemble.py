@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.runner import StageError, run_stage
+from pipeline.errors import StageError
+from pipeline.runner import run_stage
 from tests.conftest import jpeg_bytes, write_shard
 
 MODEL = "ens-test-tiny"

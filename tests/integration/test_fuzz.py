@@ -28,10 +28,9 @@ import pytest
 import torch
 
 from pipeline import artifacts, runner
-from pipeline.artifacts import CorruptArtifactError
-from pipeline.config import ConfigError, PipelineConfig, from_dict, load_config, to_dict
-from pipeline.runner import StageError, run_stage
-from pipeline.safeload import UnreadableFileError
+from pipeline.config import PipelineConfig, from_dict, load_config, to_dict
+from pipeline.errors import ConfigError, CorruptArtifactError, StageError, UnreadableFileError
+from pipeline.runner import run_stage
 from tests.conftest import overrides, pair_members, write_shard
 
 SEED = int(os.environ.get("FUZZ_SEED", "1234"))

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline import cli
 from pipeline.config import load_config
-from pipeline.runner import StageError, run_stage
+from pipeline.errors import StageError
+from pipeline.runner import run_stage
 from stages import prep
 from tests.conftest import jpeg_bytes, overrides, pair_members, write_shard
 

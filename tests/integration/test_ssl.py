@@ -88,7 +88,7 @@ def test_resume_is_exact(tmp_path, data, loss_type):
 
 def test_changed_config_refuses_resume(tmp_path, data):
     train_ssl(config(tmp_path, data), progress=False, stop_at_step=2)
-    from pipeline.runner import StageError
+    from pipeline.errors import StageError
 
     with pytest.raises(StageError, match="ssl.gamma"):
         train_ssl(config(tmp_path, data, gamma=0.5), progress=False)
@@ -148,7 +148,7 @@ def test_two_gloo_ranks_with_torchrun(tmp_path, data):
     import subprocess
     import sys
 
-    from pipeline.runner import StageError
+    from pipeline.errors import StageError
 
     sets = {
         "run.root": str(tmp_path / "runs"), "run.name": "t", "ssl.data": str(data), "ssl.arch": "resnet18",

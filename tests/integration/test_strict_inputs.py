@@ -10,8 +10,9 @@ import pytest
 
 from pipeline import artifacts
 from pipeline.cli import main as cli_main
-from pipeline.config import ConfigError, load_config
-from pipeline.runner import StageError, run_stage
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, StageError
+from pipeline.runner import run_stage
 from tests.conftest import overrides, pair_members, write_shard
 from tests.integration.test_cluster_assign import embedded  # noqa: F401 - fixture
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pipeline import cli
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.runner import run_stage
 from stages.shard import write_shards
 from training.data import ExpertStream, SampleDecoder, StreamLayout, load_expert_data

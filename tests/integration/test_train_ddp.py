@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.config import dump_yaml, load_config
-from pipeline.runner import StageError
+from pipeline.errors import StageError
 from training import checkpoint as ckpt
 from training.main import train_experts
 from training.metrics import read_metrics

@@ -9,7 +9,8 @@ import torch
 from pipeline import cli
 from pipeline.artifacts import read_json
 from pipeline.config import dump_yaml, load_config
-from pipeline.runner import StageError, run_stage
+from pipeline.errors import StageError
+from pipeline.runner import run_stage
 from tests.tiny import fresh_run
 from training import checkpoint as ckpt
 from training.main import train_experts, training_status

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline.config import dump_yaml
+from pipeline.runtime import Runtime, launcher_env, set_cpu_threads
 from tests.tiny import fresh_run
 from training import checkpoint as ckpt
-from training.dist import DistContext, launcher_env, set_cpu_threads
 from training.main import train_experts
 from training.metrics import read_metrics
 from training.synthetic import make_synthetic_run
@@ -85,9 +85,9 @@ def test_launcher_environment_and_cpu_threads(monkeypatch):
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
-        assert set_cpu_threads(DistContext(), workers=2) == before  # an explicit setting is respected
+        assert set_cpu_threads(Runtime(), workers=2) == before  # an explicit setting is respected
         monkeypatch.delenv("OMP_NUM_THREADS")
-        assert set_cpu_threads(DistContext(), workers=64) == 1
+        assert set_cpu_threads(Runtime(), workers=64) == 1
     finally:
         torch.set_num_threads(before)
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, PipelineConfig, config_hash, diff_keys, load_config, to_dict
+from pipeline.config import PipelineConfig, config_hash, diff_keys, load_config, to_dict
+from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,3 +67,31 @@ def test_docs_config_reference_is_current():
 
     text = (REPO / "docs" / "config.md").read_text()
     assert config_reference() in text, "regenerate: python -m pipeline.config > docs/config.md (keep the header)"
+
+
+# Hashes of the demo config as of 8ac0adf: a refactor of the config code must not change them
+# (a changed hash makes every existing run stale). A deliberate change of a default or a key
+# updates the pin of that section and says so in its commit.
+DEMO_HASHES = {
+    "run": "394654b8e2448f93", "demo_data": "f39a0f0f189eab38", "data": "4ea6cd17daa75066",
+    "prep": "8eddf27ee6346521", "embed": "138ee6bcb310ee38", "cluster": "309fe7cdfa5b5ed8",
+    "assign": "cc55631e2242fc57", "train": "88783c29d992869f", "loss": "0b87ccece7702535",
+    "ensemble": "3737cfff5903e73e", "launcher": "079e67eab48852a0", "ssl": "2e283c00d8b9d38a",
+    "linear_eval": "652f728a5ba76818",
+}
+DEMO_STAGE_HASHES = {
+    "prep": "dcdd6d1106f030be", "embed": "84985f26d17ff9cf", "cluster": "6066ea8d1b78d6fa",
+    "assign": "af67e3e71277dc2c",
+}
+
+
+def test_config_identity_hashes_are_stable():
+    import importlib
+
+    from pipeline.config import to_jsonable
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    sections = {name: config_hash(to_jsonable(getattr(cfg, name))) for name in DEMO_HASHES}
+    assert sections == DEMO_HASHES
+    stages = {name: config_hash(importlib.import_module(f"stages.{name}").hash_inputs(cfg)) for name in DEMO_STAGE_HASHES}
+    assert stages == DEMO_STAGE_HASHES

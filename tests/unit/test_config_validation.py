@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 
 BAD_VALUES = [
     ("train.lr=-1", "train.lr: must be > 0, got -1.0"),

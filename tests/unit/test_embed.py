@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import artifacts
+from pipeline import artifacts, runtime
 from pipeline.config import load_config
 from pipeline.runner import run_stage
 from stages import embed, text_encoder
@@ -117,19 +117,16 @@ def test_model_resolution_is_offline_and_explicit(tmp_path):
 
 def test_precision_auto_follows_the_hardware():
     cpu = torch.device("cpu")
-    assert text_encoder.resolve_precision("auto", cpu) == (
-        "bf16" if text_encoder.cpu_has_native_bf16() else "fp32"
-    )
-    assert text_encoder.resolve_precision("fp32", cpu) == "fp32"
-    assert text_encoder.resolve_precision("bf16", cpu) == "bf16"
+    assert runtime.resolve_precision("auto", cpu) == ("bf16" if runtime.cpu_has_native_bf16() else "fp32")
+    assert runtime.resolve_precision("fp32", cpu) == "fp32"
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"
 
 
-def test_device_env_overrides_config(monkeypatch):
-    monkeypatch.setenv(text_encoder.DEVICE_ENV, "cpu")
-    assert text_encoder.resolve_device("auto") == torch.device("cpu")
-    monkeypatch.delenv(text_encoder.DEVICE_ENV)
+def test_device_comes_from_the_argument():
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert text_encoder.resolve_device("auto").type == expected
+    assert runtime.resolve_device("auto").type == expected
+    assert load_text_model("all-MiniLM-L6-v2", device="cpu").device == torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- stage functions

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import launch, slurm
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from training import launch as train_launch
 
 SAMPLE = [

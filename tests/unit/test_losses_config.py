@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from training.losses import LossConfig, build_loss, gamma_at_epoch, tau_lr_multiplier
 from training.losses.clip import ClipLoss
 from training.losses.gcl import GlobalContrastiveLoss

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from pipeline import artifacts
-from pipeline.config import ConfigError, load_config
-from pipeline.runner import StageError
-from pipeline.safeload import UnreadableFileError, torch_load
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, StageError, UnreadableFileError
+from pipeline.safeload import torch_load
 from training import checkpoint as ckpt
 
 
@@ -63,7 +63,7 @@ def test_resume_refuses_a_malicious_checkpoint(tmp_path):
 
 
 def test_resume_choose_restore_refuses(tmp_path):
-    from training.dist import DistContext
+    from pipeline.runtime import Runtime
     from training.loop import RunSpec
     from training.main import choose_restore
 
@@ -71,7 +71,7 @@ def test_resume_choose_restore_refuses(tmp_path):
     path = evil_file(tmp_path / "evil.pt", marker, wrap="rng")
     spec = RunSpec("expert_0", 0, tmp_path / "expert_0", 0, 4)
     with pytest.raises(StageError, match="--resume: refused"):
-        choose_restore(spec, DistContext(), str(path), {})
+        choose_restore(spec, Runtime(), str(path), {})
     assert not marker.exists()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.runner import StageError
+from pipeline.errors import StageError
 from training import checkpoint as ckpt
 from training.models import create_model, register_model_configs
 

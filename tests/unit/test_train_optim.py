@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ConfigError, TrainConfig
-from training.loop import cpu_has_native_bf16, resolve_precision
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError
+from pipeline.runtime import cpu_has_native_bf16
+from training.loop import resolve_precision
 from training.losses import tau_lr_multiplier
 from training.models import create_model, parse_teacher
 from training.optim import (

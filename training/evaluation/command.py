@@ -27,7 +27,7 @@ import torch
 
 from pipeline.artifacts import write_text
 from pipeline.config import PipelineConfig, load_config
-from pipeline.distributed import resolve_device
+from pipeline.runtime import resolve_device
 from training.evaluation import retrieval, zeroshot
 from training.evaluation.clip import load_clip
 from training.evaluation.tasks import EvalTask, discover_tasks, is_task_dir, load_task

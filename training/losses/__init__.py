@@ -1,5 +1,7 @@
 """Contrastive losses for CLIP training: OpenCLIP InfoNCE and the global contrastive (GCL) family.
 
+The ``loss`` config section (:class:`LossConfig`) is defined in the leaf module ``pipeline.sections``.
+
 ``build_loss(cfg, rank=, world_size=, device=)`` returns a :class:`ContrastiveLoss`:
 
 * ``name="clip"``: OpenCLIP ``ClipLoss`` (local_loss / gather_with_grad semantics).
@@ -42,24 +44,10 @@ Separately, ``tau_adam_sqrt`` (default True, as the task asks) divides v2's per-
 sqrt(v_hat); fast_clip's code divides by v_hat.
 """
 
-import importlib
-from typing import Any
+from pipeline.sections import LossConfig
+from training.losses.base import ContrastiveLoss
+from training.losses.distill import init_student_from_teacher
+from training.losses.factory import build_loss
+from training.losses.schedules import gamma_at_epoch, tau_lr_multiplier
 
-from training.losses.config import LossConfig
-
-# Lazy exports: ``pipeline.config`` imports LossConfig, which must not pull in torch.
-_LAZY = {
-    "ContrastiveLoss": "training.losses.base",
-    "build_loss": "training.losses.factory",
-    "gamma_at_epoch": "training.losses.schedules",
-    "init_student_from_teacher": "training.losses.distill",
-    "tau_lr_multiplier": "training.losses.schedules",
-}
-
-__all__ = ["LossConfig", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'training.losses' has no attribute '{name}'")
+__all__ = ["ContrastiveLoss", "LossConfig", "build_loss", "gamma_at_epoch", "init_student_from_teacher", "tau_lr_multiplier"]

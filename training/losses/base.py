@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.losses.config import LossConfig
+from pipeline.sections import LossConfig
 from training.losses.dist_utils import check_process_group
 from training.losses.distill import combine_with_distillation, feature_distillation_loss
 

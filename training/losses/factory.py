@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.sections import LossConfig
 from training.losses.base import ContrastiveLoss
 from training.losses.clip import ClipLoss
-from training.losses.config import LossConfig
 from training.losses.gcl import GlobalContrastiveLoss
 from training.losses.rgcl import IndividualTemperatureGCL
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.sections import LossConfig
 from training.losses.base import ContrastiveLoss
-from training.losses.config import LossConfig
 from training.losses.dist_utils import all_gather_columns, all_gather_no_grad
 from training.losses.estimators import masked_mean_exp, moving_average, u_statistics
 from training.losses.glofnd import LAMBDA_INIT, GloFNDThreshold

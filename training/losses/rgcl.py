@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from training.losses.config import LossConfig
+from pipeline.sections import LossConfig
 from training.losses.estimators import masked_mean_exp, moving_average, per_sample_adam, u_statistics
 from training.losses.gcl import SIDES, GCLBase, GlobalBatch, compute_dtype
 from training.losses.schedules import STEP_THRESH_RATIO, STEP_THRESH_TAU

@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 
 from pipeline import slurm
 from pipeline.artifacts import git_sha, read_json, write_json, write_text
-from pipeline.config import ConfigError, PipelineConfig, add_config_args, config_hash, dump_yaml, load_config
-from pipeline.runner import StageError
+from pipeline.config import PipelineConfig, add_config_args, config_hash, dump_yaml, load_config
+from pipeline.errors import ConfigError, StageError
+from pipeline.runtime import Runtime, init_distributed, set_cpu_threads
 from training import checkpoint as ckpt
-from training.dist import DistContext, init_distributed, set_cpu_threads
 from training.launch import run_entry
 from training.losses.unimodal import UnimodalContrastiveLoss
 from training.metrics import MetricsLogger
@@ -87,7 +87,7 @@ def build_optimizer(model: nn.Module, cfg: PipelineConfig) -> torch.optim.Optimi
 class SSLTrainer:
     """One self-supervised run; :meth:`train` runs to the end (or ``stop_at_step``)."""
 
-    def __init__(self, cfg: PipelineConfig, ctx: DistContext, resume: str = "latest", progress: bool = True) -> None:
+    def __init__(self, cfg: PipelineConfig, ctx: Runtime, resume: str = "latest", progress: bool = True) -> None:
         from training.loop import resolve_precision
 
         s = cfg.ssl
@@ -278,7 +278,7 @@ def train_ssl(
     cfg: PipelineConfig, resume: str = "latest", progress: bool = True, stop_at_step: int | None = None
 ) -> dict[str, Any]:
     """Train (or resume) the configured SSL run in this process group."""
-    ctx = init_distributed(cfg.ssl.device)
+    ctx = init_distributed(cfg.ssl.device, cfg.ssl.precision, key="ssl.device")
     set_cpu_threads(ctx, cfg.ssl.workers)
     trainer = SSLTrainer(cfg, ctx, resume=resume, progress=progress)
     return trainer.train(stop_at_step)
