@@ -26,7 +26,7 @@ from torch import nn
 from pipeline import artifacts
 from pipeline.artifacts import atomic_path, file_fingerprint, write_text
 from training.evaluation.tasks import discover_tasks, load_task
-from training.ssl.config import LinearEvalConfig
+from pipeline.sections import LinearEvalConfig
 
 
 @dataclass(frozen=True)
