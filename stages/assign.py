@@ -1,7 +1,7 @@
 """``assign`` stage: nearest fine centre for every pair (MoDE ``prep_inference.py``), exact.
 
 With ``assign.capacity: fit_bounds`` it is capacity-aware instead: within each shard every fine
-cluster's size lies within ``kmeans.balanced_bounds(shard pairs, K, cluster.balance_slack)`` (the
+cluster's size lies within ``clustering.balanced_bounds(shard pairs, K, cluster.balance_slack)`` (the
 balanced fit's bounds), so over all shards within the sums of those bounds; MoDE itself assigned
 greedily to the nearest centre at inference, which is the default (``none``).
 
@@ -29,7 +29,7 @@ from pipeline.config import PipelineConfig, to_jsonable
 from pipeline.distributed import resolve_device
 from pipeline.runner import Shard
 from pipeline.safeload import UnreadableFileError, load_npy, read_parquet
-from stages import generations, kmeans
+from stages import clustering, generations
 from stages.cluster import embed_outputs, load_centers
 
 SCHEMA = pa.schema(
@@ -95,12 +95,12 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path) -> dict[st
         raise ValueError(f"{shard.name}: {feats.shape[0]} feature rows but {captions.num_rows} captions")
     device = resolve_device(cfg.assign.device)
     if len(feats) and cfg.assign.capacity == "fit_bounds":
-        ids, dist = kmeans.assign_capacity(
+        ids, dist = clustering.assign_capacity(
             feats, fine, metric=cfg.cluster.metric, balance_slack=cfg.cluster.balance_slack,
             chunk_size=cfg.assign.chunk_size, device=device,
         )
     elif len(feats):
-        ids, dist = kmeans.assign_nearest(
+        ids, dist = clustering.assign_nearest(
             feats, fine, metric=cfg.cluster.metric, chunk_size=cfg.assign.chunk_size,
             backend=cfg.assign.backend, device=device,
         )
