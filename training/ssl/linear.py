@@ -13,7 +13,6 @@ Used by ``python -m pipeline linear-eval`` (SSL backbones, :func:`run_linear_eva
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from torch import nn
 from pipeline import artifacts
 from pipeline.artifacts import atomic_path, file_fingerprint, write_text
 from pipeline.config import PipelineConfig
+from stages.clustering.common import one_cpu_thread
 from training.ssl.config import LinearEvalConfig
 
 log = logging.getLogger("training")
@@ -160,17 +160,6 @@ def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...] = (
     return out
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """The classifier's ops are tiny: one intra-op thread is ~10x faster than several on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def train_linear(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -181,7 +170,8 @@ def train_linear(
     seed: int = 0,
 ) -> dict[str, float]:
     """Fit a linear classifier on frozen features; top-1 / top-5 (%) on the validation split."""
-    with _single_thread():
+    # The classifier's ops are tiny: one intra-op thread is ~10x faster than several on a busy CPU.
+    with one_cpu_thread():
         return _train_linear(x_train, y_train, x_val, y_val, cfg, num_classes, seed)
 
 
