@@ -18,8 +18,8 @@ import math
 import torch
 
 from stages.clustering.common import (
+    RowSearch,
     Setup,
-    block_candidates,
     check_points_and_centers,
     check_slack,
     one_cpu_thread,
@@ -30,6 +30,8 @@ from stages.clustering.common import (
 # Nearest clusters kept per point. Points whose candidates are all full get fresh candidates
 # among the clusters with room, so this only trades speed for passes.
 NUM_CANDIDATES = 8
+# Candidates per point when every earlier candidate filled up (among the clusters with room).
+OPEN_CANDIDATES = 16
 
 def balanced_bounds(num_points: int, num_clusters: int, balance_slack: float) -> tuple[int, int]:
     """Cluster size bounds of the balanced assignment.
@@ -80,12 +82,12 @@ def assign_capacity(
     prepared = prepare(centers, metric, run_device)
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
-    labels, sq = BalancedBlock(x, prepared, setup).solve()
+    labels, sq = BalancedBlock(RowSearch(x, setup), prepared, setup).solve()
     return labels.cpu(), sq_to_distance(sq, metric).cpu()
 
 
 class BalancedBlock:
-    """Balanced assignment of one block by a two-sided capacity-constrained greedy.
+    """Balanced assignment of all rows of a ``RowSearch`` by a two-sided capacity-constrained greedy.
 
     Phase one fills every cluster to exactly ``low`` points, phase two places the rest with at
     most ``high - low`` more per cluster, which enforces ``low <= size <= high``. Each phase runs
@@ -93,17 +95,17 @@ class BalancedBlock:
     up get fresh candidates among the clusters with room.
     """
 
-    def __init__(self, block: torch.Tensor, centers: torch.Tensor, setup: Setup) -> None:
-        self.block, self.centers, self.setup = block, centers, setup
+    def __init__(self, search: RowSearch, centers: torch.Tensor, setup: Setup) -> None:
+        self.search, self.centers, self.setup = search, centers, setup
         self.c_sq = centers.pow(2).sum(1)
-        n = block.shape[0]
+        n = search.n
         self.labels = torch.full((n,), -1, dtype=torch.int64, device=setup.device)
         self.label_sq = torch.zeros(n, device=setup.device)
 
     def solve(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the block's labels and squared distances to their centres."""
-        k, n = self.centers.shape[0], self.block.shape[0]
-        ids, sq = block_candidates(self.block, self.centers, self.c_sq, min(k, NUM_CANDIDATES), self.setup)
+        """Returns the rows' labels and squared distances to their centres."""
+        k, n = self.centers.shape[0], self.search.n
+        ids, sq = self.search.top(self.centers, self.c_sq, min(k, NUM_CANDIDATES))
         low, high = balanced_bounds(n, k, self.setup.balance_slack)
         pending = torch.arange(n, device=ids.device)
         for phase, room_size in enumerate((low, high - low)):
@@ -131,21 +133,23 @@ class BalancedBlock:
                 self.label_sq[pending[placed]] = sq[placed].gather(1, slot[placed, None])[:, 0]
                 pending = pending[~placed]
                 if pending.numel() and room.any():
-                    # Every candidate of these rows filled up: look again among clusters with room.
-                    # Only the open clusters are scored: late in a phase few remain, so this costs
-                    # a fraction of a full pass, and more candidates per row cut the rounds left.
-                    open_ids = (room > 0).nonzero()[:, 0]
-                    num = min(2 * NUM_CANDIDATES, open_ids.numel())
-                    rows = self.block[pending.to(self.block.device)]
                     torch.set_num_threads(threads)
                     try:
-                        ids, sq = block_candidates(
-                            rows, self.centers[open_ids], self.c_sq[open_ids], num, self.setup
-                        )
+                        ids, sq = self._open_candidates(pending, room)
                     finally:
                         torch.set_num_threads(1)
-                    ids = open_ids[ids]
         return pending
+
+    def _open_candidates(self, pending: torch.Tensor, room: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh candidates of ``pending`` rows among the clusters with room.
+
+        Only the open clusters are scored: late in a phase few remain, so this costs a fraction
+        of a full pass, and more candidates per row cut the rounds left.
+        """
+        open_ids = (room > 0).nonzero()[:, 0]
+        num = min(OPEN_CANDIDATES, open_ids.numel())
+        ids, sq = self.search.top(self.centers[open_ids], self.c_sq[open_ids], num, pending)
+        return open_ids[ids], sq
 
 
 def _greedy_rounds(
@@ -165,19 +169,22 @@ def _greedy_rounds(
     labels = torch.full((n,), -1, dtype=torch.int64, device=cand_ids.device)
     slots = torch.full((n,), -1, dtype=torch.int64, device=cand_ids.device)
     active = torch.arange(n, device=cand_ids.device)
+    ids, cost = cand_ids, cand_cost  # the active rows' candidates
     while active.numel():
-        is_open = room[cand_ids[active]] > 0
-        active, is_open = active[is_open.any(1)], is_open[is_open.any(1)]
-        if not active.numel():
-            break
-        ids, cost = cand_ids[active], cand_cost[active]
+        is_open = room[ids] > 0
+        has_open = is_open.any(1)
+        if not bool(has_open.all()):
+            active, is_open, ids, cost = active[has_open], is_open[has_open], ids[has_open], cost[has_open]
+            if not active.numel():
+                break
         first = is_open.to(torch.uint8).argmax(1, keepdim=True)
         cluster, chosen = ids.gather(1, first)[:, 0], cost.gather(1, first)[:, 0]
-        admitted = _admit(cluster, -_regret(is_open, cost, first, chosen), room)
+        admitted = _admit(cluster, is_open, cost, first, chosen, room)
         labels[active[admitted]] = cluster[admitted]
         slots[active[admitted]] = first[admitted, 0]
         room -= torch.bincount(cluster[admitted], minlength=room.numel())
-        active = active[~admitted]
+        rejected = ~admitted
+        active, ids, cost = active[rejected], ids[rejected], cost[rejected]
     return labels, slots
 
 
@@ -190,14 +197,31 @@ def _regret(
     return torch.where(rest.any(1), cost.gather(1, second)[:, 0] - chosen, math.inf)
 
 
-def _admit(cluster: torch.Tensor, priority: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
-    """Marks, per cluster, the ``room`` proposers with the smallest ``priority`` value."""
-    order = torch.argsort(priority, stable=True)
-    order = order[torch.argsort(cluster[order], stable=True)]
-    grouped = cluster[order]
-    counts = torch.bincount(grouped, minlength=room.numel())
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(grouped.numel(), device=grouped.device) - starts[grouped]
-    admitted = torch.zeros_like(cluster, dtype=torch.bool)
-    admitted[order] = rank < room[grouped]
+def _admit(
+    cluster: torch.Tensor,
+    is_open: torch.Tensor,
+    cost: torch.Tensor,
+    first: torch.Tensor,
+    chosen: torch.Tensor,
+    room: torch.Tensor,
+) -> torch.Tensor:
+    """Marks the admitted proposers: per cluster, up to ``room`` of them, largest regret first.
+
+    Proposers to a cluster with room for all of them are admitted without ranking; only those of
+    over-subscribed clusters are sorted (by cluster, then by decreasing regret, ties by row).
+    """
+    proposals = torch.bincount(cluster, minlength=room.numel())
+    crowded = (proposals > room)[cluster]
+    admitted = ~crowded
+    rows = crowded.nonzero()[:, 0]
+    if rows.numel():
+        sub = cluster[rows]
+        priority = -_regret(is_open[rows], cost[rows], first[rows], chosen[rows])
+        order = torch.argsort(priority, stable=True)
+        order = order[torch.argsort(sub[order], stable=True)]
+        grouped = sub[order]
+        counts = torch.bincount(grouped, minlength=room.numel())
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(grouped.numel(), device=grouped.device) - starts[grouped]
+        admitted[rows[order]] = rank < room[grouped]
     return admitted

@@ -153,29 +153,78 @@ def candidates(
     centers: torch.Tensor,
     bias: torch.Tensor,
     num: int,
+    x_sq: torch.Tensor | None = None,
+    buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``num`` best centres of prepared rows ``x`` by ``||x||^2 - 2 x c + bias[c]``.
 
-    With ``bias = ||c||^2`` the scores are squared distances (unclamped). Returns
+    With ``bias = ||c||^2`` the scores are squared distances (unclamped). ``x_sq`` are the rows'
+    squared norms when already known; ``buffer`` an ``[len(x), K]`` float32 scratch tensor to
+    reuse (a fresh block of that size costs page faults on every call). Returns
     ``(ids, scores)``, scores ascending.
     """
-    partial = torch.addmm(bias, x, centers.T, alpha=-2.0)
+    partial = torch.addmm(bias, x, centers.T, alpha=-2.0, out=buffer)
     if num == 1:
         values, ids = partial.min(1, keepdim=True)
     else:
         values, ids = partial.topk(num, dim=1, largest=False, sorted=True)
     # ||x||^2 is constant per row, so it is added only to the selected entries.
-    return ids, values.add_(row_sq_norms(x)[:, None])
+    return ids, values.add_((row_sq_norms(x) if x_sq is None else x_sq)[:, None])
 
 
-def block_candidates(
-    block: torch.Tensor, centers: torch.Tensor, bias: torch.Tensor, num: int, setup: Setup
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``candidates`` over a block, ``setup.chunk_size`` rows at a time."""
-    parts = [candidates(xc, centers, bias, num) for _, xc in subchunks(block, setup)]
-    if len(parts) == 1:  # one chunk: no copy
-        return parts[0]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+class RowSearch:
+    """Candidate searches over a fixed set of rows ``x`` against changing centres.
+
+    On CPU the rows are prepared (float32, normalised for cosine) and their squared norms
+    computed once, and the ``[chunk_size, K]`` distance block is reused by every search, so the
+    Lloyd iterations allocate nothing of size N x K. On another device rows move there one
+    chunk at a time (``x`` may exceed device memory) and nothing is cached.
+    """
+
+    def __init__(self, x: torch.Tensor, setup: Setup) -> None:
+        self.setup, self.n = setup, x.shape[0]
+        self.cached = setup.device.type == "cpu"
+        self.x = prepare(x, setup.metric, setup.device) if self.cached else x
+        self.x_sq = row_sq_norms(self.x) if self.cached else None
+        self._buffer: torch.Tensor | None = None
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, prepared rows)`` in pieces of ``chunk_size`` rows."""
+        if not self.cached:
+            yield from subchunks(self.x, self.setup)
+            return
+        for start in range(0, self.n, self.setup.chunk_size):
+            yield start, self.x[start : start + self.setup.chunk_size]
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prepared rows ``index`` (on the search device) and their squared norms if cached."""
+        if self.cached:
+            return self.x[index], self.x_sq[index]
+        return prepare(self.x[index.to(self.x.device)], self.setup.metric, self.setup.device), None
+
+    def top(
+        self, centers: torch.Tensor, bias: torch.Tensor, num: int, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``candidates`` of every row (or of rows ``index``): ids ``[n, num]``, squared distances."""
+        n = self.n if index is None else index.numel()
+        ids = torch.empty(n, num, dtype=torch.int64, device=self.setup.device)
+        sq = torch.empty(n, num, device=self.setup.device)
+        step = self.setup.chunk_size
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            if index is None:
+                xc = self.x[start:stop] if self.cached else prepare(self.x[start:stop], self.setup.metric, self.setup.device)
+                x_sq = self.x_sq[start:stop] if self.cached else None
+            else:
+                xc, x_sq = self.rows(index[start:stop])
+            scratch = self._scratch(stop - start, centers.shape[0])
+            ids[start:stop], sq[start:stop] = candidates(xc, centers, bias, num, x_sq, scratch)
+        return ids, sq
+
+    def _scratch(self, rows: int, k: int) -> torch.Tensor:
+        if self._buffer is None or self._buffer.shape[1] != k or self._buffer.shape[0] < rows:
+            self._buffer = torch.empty(min(self.n, self.setup.chunk_size), k, device=self.setup.device)
+        return self._buffer[:rows]
 
 
 def sq_to_distance(sq: torch.Tensor, metric: str) -> torch.Tensor:

@@ -25,15 +25,13 @@ from stages.clustering.common import (
     INITS,
     METRICS,
     KMeansResult,
+    RowSearch,
     Setup,
-    block_candidates,
     check_choice,
     check_matrix,
     check_positive,
     check_slack,
     one_cpu_thread,
-    prepare,
-    subchunks,
 )
 from stages.clustering.seeding import initial_centers, sample_pass
 
@@ -99,8 +97,9 @@ def fit_kmeans(
     if num_points < num_clusters:
         raise ValueError(f"num_clusters={num_clusters} exceeds the {num_points} sample points")
     centers = initial_centers(sample, num_clusters, init, gen).to(setup.device)
-    centers, history, converged = _iterate(x, centers, setup, gen, max_iter, tol, variance, progress)
-    final = _lloyd_pass(x, centers, setup)
+    search = RowSearch(x, setup)
+    centers, history, converged = _iterate(search, centers, setup, gen, max_iter, tol, variance, progress)
+    final = _lloyd_pass(search, centers, setup)
     return KMeansResult(
         centers=centers.cpu(),
         labels=final.labels.cpu(),
@@ -113,7 +112,7 @@ def fit_kmeans(
 
 
 def _iterate(
-    x: torch.Tensor,
+    search: RowSearch,
     centers: torch.Tensor,
     setup: Setup,
     gen: torch.Generator,
@@ -126,7 +125,7 @@ def _iterate(
     history: list[dict] = []
     bar = tqdm(range(1, max_iter + 1), desc="kmeans", disable=not progress)
     for it in bar:
-        stats = _lloyd_pass(x, centers, setup)
+        stats = _lloyd_pass(search, centers, setup)
         new_centers = _updated_centers(stats, gen, setup)
         shift = (new_centers - centers).pow(2).sum(1).mean().item() / max(variance, 1e-30)
         history.append(_history_entry(it, stats, shift))
@@ -158,32 +157,26 @@ def _check_fit_args(
     check_slack(balance_slack)
 
 
-def _lloyd_pass(x: torch.Tensor, centers: torch.Tensor, setup: Setup) -> _PassStats:
-    """Assigns ``x`` to ``centers``; per-cluster sums, counts, inertia, labels and far points."""
+def _lloyd_pass(search: RowSearch, centers: torch.Tensor, setup: Setup) -> _PassStats:
+    """Assigns the rows to ``centers``; per-cluster sums, counts, inertia, labels and far points."""
     k, dim = centers.shape
     if setup.balanced:
-        labels, sq_dist = BalancedBlock(x, centers, setup).solve()
+        labels, sq_dist = BalancedBlock(search, centers, setup).solve()
     else:
-        labels, sq_dist = _nearest_block(x, centers, setup)
+        ids, sq_dist = search.top(centers, centers.pow(2).sum(1), 1)
+        labels, sq_dist = ids[:, 0], sq_dist[:, 0].clamp_(min=0)
     sums = torch.zeros(k, dim, device=setup.device)
     # One thread: CPU index_add_ contends on the shared rows with more (measured on 2 busy
     # cores, 50k x 384 into 256 rows: 0.28 s with two threads, 0.05 s with one).
     with one_cpu_thread():
-        for start, xc in subchunks(x, setup):
+        for start, xc in search.chunks():
             sums.index_add_(0, labels[start : start + xc.shape[0]], xc)
         counts = torch.bincount(labels, minlength=k)
         inertia = sq_dist.sum(dtype=torch.float64).item()
         # The re-seeding pool: the K points farthest from their centre.
         far = sq_dist.topk(min(k, sq_dist.numel())).indices
-    far_x = prepare(x[far.to(x.device)], setup.metric, setup.device)
+    far_x, _ = search.rows(far)
     return _PassStats(sums, counts, inertia, labels, sq_dist[far], far_x)
-
-
-def _nearest_block(
-    block: torch.Tensor, centers: torch.Tensor, setup: Setup
-) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, sq_dist = block_candidates(block, centers, centers.pow(2).sum(1), 1, setup)
-    return ids[:, 0], sq_dist[:, 0].clamp_(min=0)
 
 
 def _updated_centers(stats: _PassStats, gen: torch.Generator, setup: Setup) -> torch.Tensor:
