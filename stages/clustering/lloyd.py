@@ -83,11 +83,8 @@ def fit_kmeans(
             ``max(8 * K, 4096)`` capped at N.
         progress: Show a tqdm bar over iterations.
 
-    Returns:
-        The fitted ``KMeansResult``.
-
-    Raises:
-        ValueError: On an invalid argument or a sample with fewer than K points.
+    Returns the fitted ``KMeansResult``; raises ``ValueError`` on an invalid argument or a sample
+    with fewer than K points.
     """
     _check_fit_args(x, num_clusters, metric, init, max_iter, tol, chunk_size, balance_slack)
     setup = Setup(metric, torch.device(device), chunk_size, balanced, balance_slack)
