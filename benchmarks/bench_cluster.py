@@ -1,4 +1,4 @@
-"""Fine clustering and assignment speed/quality of ``stages.kmeans`` against faiss on CPU.
+"""Fine clustering and assignment speed/quality of ``stages.clustering`` against faiss on CPU.
 
 Run: ``python benchmarks/bench_cluster.py [--n 50000 --dim 384 --k 256 --iters 20 --repeats 5]``
 (the issue's full size: ``--n 200000 --k 1024``; about 20 min on a quiet 2-core CPU).
@@ -49,7 +49,7 @@ from paired import fmt, paired, record, set_threads  # noqa: E402
 from pipeline import artifacts  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import run_stage  # noqa: E402
-from stages.kmeans import (  # noqa: E402
+from stages.clustering import (  # noqa: E402
     assign_capacity,
     assign_nearest,
     auto_backend,

@@ -46,7 +46,7 @@ from paired import fmt, paired, record  # noqa: E402
 def part_fit(args: argparse.Namespace) -> dict:
     from bench_cluster import make_data
 
-    from stages import kmeans
+    from stages import clustering as kmeans
 
     n = 200_000 if args.quick else 1_000_000
     x = make_data(n, 768, 4000, 0)
@@ -70,7 +70,8 @@ def part_fit(args: argparse.Namespace) -> dict:
     out["ours_nearest_sizes"] = {"max": int(sizes.max()), "min": int(sizes.min()), "empty": int((sizes == 0).sum())}
     _, dist_u = kmeans.assign_nearest(x, run.peer_out.centers, device="cuda")
     out["inertia_ratio_vs_torch_unbalanced"] = float(dist.double().pow(2).sum() / dist_u.double().pow(2).sum())
-    faiss = kmeans.faiss
+    from stages.clustering.faiss_backend import faiss
+
     if faiss is not None and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         run_f = paired(ours, lambda: kmeans.fit_faiss_kmeans(x, k, niter=iters, gpu=True), args.repeats)
         out["balanced_vs_faiss_gpu"] = run_f.summary()
@@ -83,7 +84,7 @@ def part_fit(args: argparse.Namespace) -> dict:
 def part_assign(args: argparse.Namespace) -> dict:
     from bench_cluster import make_data
 
-    from stages import kmeans
+    from stages import clustering as kmeans
 
     x = make_data(200_000 if args.quick else 1_000_000, 768, 4000, 1)
     c = x[:1024].clone()

@@ -1,7 +1,7 @@
 """``assign`` stage: nearest fine centre for every pair (MoDE ``prep_inference.py``), exact.
 
 With ``assign.capacity: fit_bounds`` it is capacity-aware instead: within each shard every fine
-cluster's size lies within ``kmeans.balanced_bounds(shard pairs, K, cluster.balance_slack)`` (the
+cluster's size lies within ``clustering.balanced_bounds(shard pairs, K, cluster.balance_slack)`` (the
 balanced fit's bounds), so over all shards within the sums of those bounds; MoDE itself assigned
 greedily to the nearest centre at inference, which is the default (``none``).
 
@@ -30,7 +30,7 @@ from pipeline.errors import UnreadableFileError
 from pipeline.runner import Shard
 from pipeline.runtime import Runtime
 from pipeline.safeload import load_npy, read_parquet
-from stages import generations, kmeans
+from stages import clustering, generations
 from stages.cluster import embed_outputs, load_centers
 
 SCHEMA = pa.schema(
@@ -79,47 +79,77 @@ def output_path(stage_dir: Path, shard: str) -> Path:
 
 
 def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path, runtime: Runtime) -> dict[str, Any]:
-    """Assign one shard's pairs to their nearest fine centre."""
-    fine, _, fine_to_coarse, _ = load_centers(cfg)
+    """Assign one shard's pairs to their nearest fine centre (or capacity-aware, see module doc)."""
+    fine, _, fine_to_coarse, _ = _centers(cfg)
     fine, fine_to_coarse = generations.shard_centers(cfg, shard.name, fine, fine_to_coarse)
-    array = load_npy(shard.inputs["features"], "assign", ndim=2).astype(np.float32)
-    if array.shape[1] != fine.shape[1]:
-        raise UnreadableFileError(
-            f"assign: {shard.inputs['features']} has {array.shape[1]} columns, the centres {fine.shape[1]}"
-        )
-    # L2-normalised in place with numpy (what F.normalize computes, without a second [N, D] copy;
-    # single-threaded element-wise work does not wait on descheduled threads of a busy CPU).
-    array /= np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
-    feats = torch.from_numpy(array)
+    feats = torch.from_numpy(read_features(shard.inputs["features"], fine.shape[1]))
     captions = read_parquet(cfg.run_dir / "prep" / "captions" / f"{shard.name}.parquet", "assign", ["pair_id", "key"])
     if captions.num_rows != feats.shape[0]:
         raise ValueError(f"{shard.name}: {feats.shape[0]} feature rows but {captions.num_rows} captions")
-    device = runtime.device
-    if len(feats) and cfg.assign.capacity == "fit_bounds":
-        ids, dist = kmeans.assign_capacity(
-            feats, fine, metric=cfg.cluster.metric, balance_slack=cfg.cluster.balance_slack,
-            chunk_size=cfg.assign.chunk_size, device=device,
-        )
-    elif len(feats):
-        ids, dist = kmeans.assign_nearest(
-            feats, fine, metric=cfg.cluster.metric, chunk_size=cfg.assign.chunk_size,
-            backend=cfg.assign.backend, device=device,
-        )
-    else:
-        ids, dist = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    ids, dist = _assign(cfg, feats, fine, runtime.device)
+    ids_np = ids.numpy()
     table = pa.table(
         {
             "pair_id": captions.column("pair_id"),
             "key": captions.column("key"),
-            "fine": pa.array(ids.numpy().astype(np.int32)),
-            "coarse": pa.array(fine_to_coarse[ids].numpy().astype(np.int16)),
-            "dist": pa.array(dist.numpy().astype(np.float32)),
+            "fine": pa.array(ids_np.astype(np.int32)),
+            "coarse": pa.array(fine_to_coarse.numpy()[ids_np].astype(np.int16)),
+            "dist": pa.array(dist.numpy().astype(np.float32, copy=False)),
         },
         schema=SCHEMA,
     )
     with artifacts.atomic_path(output_path(stage_dir, shard.name)) as tmp:
-        pq.write_table(table, tmp)
+        # Dictionary pages only where values repeat (ids, experts): unique keys, pair ids and
+        # distances would be dictionary-encoded in vain first and then fall back to plain.
+        pq.write_table(table, tmp, use_dictionary=["fine", "coarse"])
     return {"in": feats.shape[0], "out": table.num_rows, "skipped": {}}
+
+
+def read_features(path: str | Path, dim: int) -> np.ndarray:
+    """A shard's features as L2-normalised float32 ``[N, dim]``, in one copy.
+
+    The fp16 → fp32 conversion is the only copy; the squared norms come from ``einsum`` (no
+    ``[N, D]`` temporary, unlike ``np.linalg.norm``) and rows are scaled in place by the
+    reciprocal norm (what ``F.normalize`` computes). numpy element-wise work runs on one thread,
+    which does not wait on descheduled threads of a busy CPU.
+    """
+    array = load_npy(path, "assign", ndim=2)
+    if array.shape[1] != dim:
+        raise UnreadableFileError(f"assign: {path} has {array.shape[1]} columns, the centres {dim}")
+    array = array.astype(np.float32)  # a copy even when float32 already: the file stays untouched
+    norms = np.sqrt(np.einsum("ij,ij->i", array, array))
+    array *= (1.0 / np.maximum(norms, 1e-12))[:, None]
+    return array
+
+
+def _assign(
+    cfg: PipelineConfig, feats: torch.Tensor, fine: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not len(feats):
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    if cfg.assign.capacity == "fit_bounds":
+        return clustering.assign_capacity(
+            feats, fine, metric=cfg.cluster.metric, balance_slack=cfg.cluster.balance_slack,
+            chunk_size=cfg.assign.chunk_size, device=device,
+        )
+    return clustering.assign_nearest(
+        feats, fine, metric=cfg.cluster.metric, chunk_size=cfg.assign.chunk_size,
+        backend=cfg.assign.backend, device=device,
+    )
+
+
+_CENTERS_CACHE: dict[tuple, tuple] = {}
+
+
+def _centers(cfg: PipelineConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """``load_centers`` once per process while the centre files stay the same (not per shard)."""
+    cdir = cfg.run_dir / "cluster"
+    files = [cdir / "fine_centers.pth", cdir / "coarse.pth", cdir / "manifest.json"]
+    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
+    if key not in _CENTERS_CACHE:
+        _CENTERS_CACHE.clear()
+        _CENTERS_CACHE[key] = load_centers(cfg)
+    return _CENTERS_CACHE[key]
 
 
 def finalize(cfg: PipelineConfig, stage_dir: Path, records: list[dict]) -> dict[str, Any]:

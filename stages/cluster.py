@@ -2,7 +2,7 @@
 
 A global one-shard stage (MoDE ``prep_hrchy.py``). Reads the embed manifest, draws a seeded
 sample of pair ids (``cluster.sample_fraction`` or ``cluster.sample_size``), L2-normalises the
-features and fits ``num_fine`` balanced clusters (``stages.kmeans``), then k-means of the fine
+features and fits ``num_fine`` balanced clusters (``stages.clustering``), then k-means of the fine
 centres into ``num_experts`` coarse clusters.
 
 Outputs in ``<run>/cluster/``:
@@ -31,7 +31,7 @@ from pipeline.errors import ConfigError, UnreadableFileError
 from pipeline.runner import Shard
 from pipeline.runtime import Runtime
 from pipeline.safeload import torch_load
-from stages import kmeans
+from stages import clustering
 
 UPSTREAM = ("embed",)
 """Stages whose manifests this stage consumes."""
@@ -112,17 +112,17 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path, runtime: R
     ids, x = load_sample(cfg, files)
     device = runtime.device
     if c.backend == "faiss":
-        fine = kmeans.fit_faiss_kmeans(
+        fine = clustering.fit_faiss_kmeans(
             x, c.num_fine, niter=c.max_iter, seed=cfg.run.seed, spherical=c.metric == "cosine",
             gpu=device.type == "cuda",
         )
     else:
-        fine = kmeans.fit_kmeans(
+        fine = clustering.fit_kmeans(
             x, c.num_fine, balanced=c.balanced, metric=c.metric, init=c.init, max_iter=c.max_iter,
             tol=c.tol, seed=cfg.run.seed, device=device, chunk_size=c.chunk_size,
             balance_slack=c.balance_slack, progress=sys.stderr.isatty(),
         )
-    coarse_centers, fine_to_coarse = kmeans.coarse_cluster(
+    coarse_centers, fine_to_coarse = clustering.coarse_cluster(
         fine.centers, c.num_experts, balanced=c.coarse_balanced, metric=c.metric, seed=cfg.run.seed,
         n_init=c.coarse_n_init, balance_slack=c.balance_slack,
     )

@@ -1,7 +1,7 @@
 """New experts (generations): fit centres on grown data, and which centres each shard is assigned to.
 
 ``python -m pipeline add-experts`` (docs/growth.md, "New experts") fits ``--num-fine`` balanced
-fine centres (``stages.kmeans``) on the pairs of the embed shards that no clustering has seen yet
+fine centres (``stages.clustering``) on the pairs of the embed shards that no clustering has seen yet
 (not in the cluster stage's ``fitted_shards`` nor in an earlier generation), groups them into
 ``--num-experts`` new experts (coarse k-means of the new centres) numbered after the existing ones,
 and writes
@@ -36,7 +36,7 @@ from pipeline.errors import ConfigError
 from pipeline.experts import generation_path, registry, registry_path
 from pipeline.runtime import resolve_device
 from pipeline.safeload import torch_load
-from stages import kmeans
+from stages import clustering
 
 GENERATIONS = "generations"
 
@@ -174,7 +174,7 @@ def add_experts(cfg: PipelineConfig, num_experts: int, num_fine: int) -> dict[st
     c = cfg.cluster
     fine = kmeans_fit(cfg, x, num_fine)
     if num_experts > 1:
-        _, local = kmeans.coarse_cluster(
+        _, local = clustering.coarse_cluster(
             fine.centers, num_experts, balanced=c.coarse_balanced, metric=c.metric, seed=cfg.run.seed + g,
             n_init=c.coarse_n_init, balance_slack=c.balance_slack,
         )
@@ -208,7 +208,7 @@ def add_experts(cfg: PipelineConfig, num_experts: int, num_fine: int) -> dict[st
 def kmeans_fit(cfg: PipelineConfig, x: torch.Tensor, num_fine: int):
     """Balanced fine k-means with the cluster section's settings."""
     c = cfg.cluster
-    return kmeans.fit_kmeans(
+    return clustering.fit_kmeans(
         x, num_fine, balanced=c.balanced, metric=c.metric, init=c.init, max_iter=c.max_iter, tol=c.tol,
         seed=cfg.run.seed, device=resolve_device(c.device), chunk_size=c.chunk_size,
         balance_slack=c.balance_slack, progress=sys.stderr.isatty(),

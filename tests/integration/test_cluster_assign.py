@@ -94,7 +94,7 @@ def test_cluster_is_deterministic_and_reruns_are_noops(embedded, tmp_path):
 
 
 def test_assign_capacity_fit_bounds_keeps_sizes_within_per_shard_bounds(embedded, tmp_path):
-    from stages.kmeans import balanced_bounds
+    from stages.clustering import balanced_bounds
 
     cfg = load_config(None, [*overrides(tmp_path, f"{tmp_path}/data/{{0..{SHARDS - 1}}}.tar", "cluster.num_fine=8",
                                         "cluster.num_experts=4", "cluster.max_iter=30"), "assign.capacity=fit_bounds"])

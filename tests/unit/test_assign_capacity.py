@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages import kmeans
+from stages import clustering as kmeans
+from stages.clustering import faiss_backend, nearest
 
 
 def _skewed(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -53,19 +54,19 @@ def test_capacity_is_deterministic_and_empty_input():
 def test_auto_backend_is_faiss_on_cpu_and_torch_on_gpu(monkeypatch):
     assert kmeans.auto_backend("cuda") == "torch"
     assert kmeans.auto_backend(torch.device("cuda", 1)) == "torch"
-    if kmeans.faiss is not None:
+    if faiss_backend.available():
         assert kmeans.auto_backend("cpu") == "faiss"
-    monkeypatch.setattr(kmeans, "faiss", None)
+    monkeypatch.setattr(faiss_backend, "faiss", None)
     assert kmeans.auto_backend("cpu") == "torch"
 
 
 def test_assign_nearest_auto_dispatches_on_the_choice(monkeypatch):
     calls = []
-    monkeypatch.setattr(kmeans, "_assign_faiss", lambda *a: calls.append("faiss") or (None, None))
-    monkeypatch.setattr(kmeans, "_assign_torch", lambda *a: calls.append("torch") or (None, None))
+    monkeypatch.setattr(faiss_backend, "assign_faiss", lambda *a: calls.append("faiss") or (None, None))
+    monkeypatch.setattr(nearest, "assign_torch", lambda *a: calls.append("torch") or (None, None))
     x, c = torch.randn(10, 4), torch.randn(3, 4)
-    monkeypatch.setattr(kmeans, "auto_backend", lambda device: "faiss")
+    monkeypatch.setattr(nearest, "auto_backend", lambda device: "faiss")
     kmeans.assign_nearest(x, c, backend="auto")
-    monkeypatch.setattr(kmeans, "auto_backend", lambda device: "torch")
+    monkeypatch.setattr(nearest, "auto_backend", lambda device: "torch")
     kmeans.assign_nearest(x, c, backend="auto")
     assert calls == ["faiss", "torch"]

@@ -12,7 +12,6 @@ Used by ``training/ssl/linear.py`` (``python -m pipeline linear-eval``) and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -25,8 +24,9 @@ from torch import nn
 
 from pipeline import artifacts
 from pipeline.artifacts import atomic_path, file_fingerprint, write_text
-from training.evaluation.tasks import discover_tasks, load_task
 from pipeline.sections import LinearEvalConfig
+from stages.clustering.common import one_cpu_thread
+from training.evaluation.tasks import discover_tasks, load_task
 
 
 @dataclass(frozen=True)
@@ -144,17 +144,6 @@ def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...] = (
     return out
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """The classifier's ops are tiny: one intra-op thread is ~10x faster than several on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def train_linear(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -165,7 +154,7 @@ def train_linear(
     seed: int = 0,
 ) -> dict[str, float]:
     """Fit a linear classifier on frozen features; top-1 / top-5 (%) on the validation split."""
-    with _single_thread():
+    with one_cpu_thread():  # tiny ops: one intra-op thread is ~10x faster on a busy CPU
         return _train_linear(x_train, y_train, x_val, y_val, cfg, num_classes, seed)
 
 
