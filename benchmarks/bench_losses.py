@@ -1,6 +1,6 @@
 """Forward + backward time of every loss variant against the CLIP loss, on one process.
 
-    python benchmarks/bench_losses.py [--batch 256] [--dim 512] [--data-size 100000] [--repeats 20]
+    python -m benchmarks.bench_losses [--batch 256] [--dim 512] [--data-size 100000] [--repeats 20]
 
 Prints a table and, last, one JSON line with the medians (ms) and the overhead relative to CLIP.
 The features are leaf tensors, so only the loss itself is timed (no encoder).
@@ -11,16 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.losses import LossConfig, build_loss  # noqa: E402
+from training.losses import LossConfig, build_loss
 
 VARIANTS: dict[str, dict] = {
     "clip": dict(name="clip"),

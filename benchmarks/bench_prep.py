@@ -1,7 +1,7 @@
 """prep throughput (pairs/s, one worker) against a bare `tarfile` read of the same shards.
 
-    python benchmarks/bench_prep.py [--shards 10 --pairs 1000 --repeats 5]
-    python benchmarks/bench_prep.py --tars 'data/demo/train/*.tar'      # existing shards (the demo's)
+    python -m benchmarks.bench_prep [--shards 10 --pairs 1000 --repeats 5]
+    python -m benchmarks.bench_prep --tars 'data/demo/train/*.tar'      # existing shards (the demo's)
 
 Both sides read every member of every shard from the page cache; the bare read only iterates
 members and reads their bytes, prep also groups pairs, picks a caption, checks the image header
@@ -17,20 +17,16 @@ import glob
 import io
 import json
 import shutil
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from paired import fmt, paired, record, set_threads  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pipeline.config import load_config  # noqa: E402
-from pipeline.runner import run_stage  # noqa: E402
+from benchmarks.paired import fmt, paired, record, set_threads
+from pipeline.config import load_config
+from pipeline.runner import run_stage
 
 
 def make_shards(root: Path, shards: int, pairs: int, size: int = 64) -> None:
