@@ -30,6 +30,10 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+INT_OPTIONS = {"--batch": 256, "--dim": 512, "--data-size": 100_000, "--warmup": 3, "--repeats": 30}
+"""Integer options and their defaults."""
+
+
 class Runner:
     """One loss variant with fixed features; ``step()`` times one forward + backward in ms."""
 
@@ -59,11 +63,8 @@ class Runner:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--data-size", type=int, default=100_000)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=30)
+    for flag, default in INT_OPTIONS.items():
+        parser.add_argument(flag, type=int, default=default)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is steadier on a shared CPU)"
     )
