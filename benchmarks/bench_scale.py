@@ -20,10 +20,17 @@ Two modes:
   must run every shard; the run stops with an error otherwise. ``growth`` is the exponent ``b`` of
   ``cpu ~ N^b`` between consecutive sizes (1 = linear).
 * ``incremental``: one run folder (``runs/scale``) for all sizes in increasing order, so each
-  larger N reuses the prep and embed shards of the smaller and runs only the new ones; cluster
-  (a fit on a fixed ``--cluster-sample``) and assign (every pair against the new centres) run in
-  full at every N. The per-shard stages are reported per 100k *new* pairs: a flat rate is linear
-  growth.
+  larger N reuses the prep and embed shards of the smaller and runs only the new ones (ran +
+  skipped must be all shards); cluster (a fit on a fixed ``--cluster-sample``) and assign (every
+  pair against the new centres) run from scratch at every N: their folders from the smaller N
+  are removed first (otherwise the pipeline keeps the clustering as the data grow and assigns
+  only the new shards, docs/growth.md). Rates are per 100k pairs a stage actually
+  processed (its ``ran`` shards): a flat rate is linear growth.
+
+Each finished stage's figure is appended to ``<workdir>/figures.jsonl``; a later invocation with
+the same settings takes the sizes found complete there instead of rerunning them, so a long run
+can be stopped between sizes and continued. ``--deadline HH:MM`` (UTC) starts no new size after
+that time and records the sizes done (``not_run`` lists the others).
 
 The cluster stage fits on a fixed-size sample (MoDE fits on a sample too), so its memory is
 bounded; prep, embed and assign stream shard by shard. Appends one line to
@@ -40,6 +47,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -182,63 +190,87 @@ def _overrides(args: argparse.Namespace, work: Path, data: Path, n: int, run_nam
     ]
 
 
-def _check_ran(stage: str, fig: dict[str, float], n: int, prev: int, mode: str) -> None:
-    """Every stage must have done the work its figure claims (no silently reused shards)."""
-    shards = math.ceil(n / PAIRS_PER_SHARD)
-    if stage == "cluster":
-        expected = 1
-    elif mode == "incremental" and stage in PER_SHARD_STAGES:
-        expected = shards - math.ceil(prev / PAIRS_PER_SHARD)
-    else:
-        expected = shards
-    if fig["ran"] != expected:
+def _check_ran(stage: str, fig: dict[str, float], n: int, mode: str) -> None:
+    """Every stage must have done the work its figure claims (no silently reused shards).
+
+    ``fresh``: every shard ran, none skipped. ``incremental``: prep and embed ran what earlier
+    sizes left (ran + skipped = all shards); cluster and assign ran in full.
+    """
+    shards = 1 if stage == "cluster" else math.ceil(n / PAIRS_PER_SHARD)
+    reuses = mode == "incremental" and stage in PER_SHARD_STAGES
+    ok = fig["ran"] + fig["skipped"] == shards if reuses else (fig["ran"] == shards and fig["skipped"] == 0)
+    if not ok:
         raise SystemExit(
-            f"bench_scale: {stage} at N={n} ran {fig['ran']} shard(s) (skipped {fig['skipped']}), "
-            f"expected {expected}: finished shards from an earlier run were reused; use a new --workdir"
+            f"bench_scale: {stage} at N={n} ran {fig['ran']} shard(s) and skipped {fig['skipped']} of "
+            f"{shards}: finished shards from an earlier run were reused; use a new --workdir"
         )
 
 
+def _load_figures(path: Path, key: dict) -> dict[str, dict]:
+    """Stage figures a previous invocation with the same settings stored (size -> stage -> figure)."""
+    done: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("key") == key:
+                done.setdefault(str(row["n"]), {})[row["stage"]] = row["figure"]
+    return {n: stages for n, stages in done.items() if all(st in stages for st in STAGES)}
+
+
+def _past(deadline: str) -> bool:
+    """Whether the UTC clock is past ``HH:MM`` (empty: never)."""
+    return bool(deadline) and time.strftime("%H:%M", time.gmtime()) >= deadline
+
+
 def run_sizes(args: argparse.Namespace, work: Path, data: Path, sizes: list[int]) -> dict[str, dict]:
-    """Every stage at every N (see the module docstring for the two modes)."""
-    results: dict[str, dict] = {}
-    prev = 0
+    """Every stage at every N (see the module docstring); figures persist in ``<workdir>/figures.jsonl``."""
+    key = {k: v for k, v in vars(args).items() if k not in ("sizes", "deadline", "procs")}
+    store = work / "figures.jsonl"
+    results = _load_figures(store, key)
     for n in sizes:
         if n % PAIRS_PER_SHARD and n > PAIRS_PER_SHARD:
             raise SystemExit(f"--sizes: {n} is not a multiple of {PAIRS_PER_SHARD}")
+        if str(n) in results:
+            print(f"N={n:>8} figures from {store}", flush=True)
+            continue
+        if _past(args.deadline):
+            print(f"past --deadline {args.deadline} UTC: N={n} and larger not run", flush=True)
+            break
         run_name = "scale" if args.mode == "incremental" else f"n{n}"
         if args.mode == "fresh" and (work / "runs" / run_name).exists():
             raise SystemExit(f"bench_scale: {work / 'runs' / run_name} exists; use a new --workdir")
         overrides = _overrides(args, work, data, n, run_name)
-        results[str(n)] = {"new_pairs": n - prev if args.mode == "incremental" else n}
+        results[str(n)] = {}
         for stage in STAGES:
+            if stage not in PER_SHARD_STAGES:  # from scratch at every N (incremental: remove the last N's)
+                shutil.rmtree(work / "runs" / run_name / stage, ignore_errors=True)
             fig = run_stage_process(stage, overrides, work / "logs" / f"n{n}_{stage}.log")
-            _check_ran(stage, fig, n, prev, args.mode)
+            _check_ran(stage, fig, n, args.mode)
             results[str(n)][stage] = fig
+            with open(store, "a") as fh:
+                fh.write(json.dumps({"key": key, "n": n, "stage": stage, "figure": fig}) + "\n")
             print(
                 f"N={n:>8} {stage:<8} wall {fig['wall_s']:8.1f} s  cpu {fig['cpu_s']:8.1f} s  "
                 f"peak {fig['peak_rss_mib']:6.0f} MiB  ran {fig['ran']:>3}  load {fig['load_1m']:.1f}",
                 flush=True,
             )
-        prev = n
-    return results
+    return {n: results[n] for n in sorted(results, key=int) if int(n) in sizes}
 
 
-def _work_pairs(results: dict[str, dict], n: int, stage: str, mode: str) -> int:
-    """Pairs a stage processed at size ``n``: only the new ones for reused per-shard stages."""
+def _work_pairs(results: dict[str, dict], n: int, stage: str) -> int:
+    """Pairs a stage processed at size ``n``: the shards it ran (prep, embed, assign); 0 for the fit."""
     if stage == "cluster":
         return 0
-    if mode == "incremental" and stage in PER_SHARD_STAGES:
-        return int(results[str(n)]["new_pairs"])
-    return n
+    return min(n, int(results[str(n)][stage]["ran"]) * PAIRS_PER_SHARD)
 
 
-def rates(results: dict[str, dict], sizes: list[int], mode: str) -> dict[str, dict[str, dict[str, float]]]:
+def rates(results: dict[str, dict], sizes: list[int]) -> dict[str, dict[str, dict[str, float]]]:
     """Wall and CPU seconds per 100k pairs the stage processed, per size and stage."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for n in sizes:
         out[str(n)] = {}
         for stage in STAGES:
-            pairs = _work_pairs(results, n, stage, mode)
+            pairs = _work_pairs(results, n, stage)
             fig = results[str(n)][stage]
             if pairs:
                 out[str(n)][stage] = {
@@ -249,11 +281,11 @@ def rates(results: dict[str, dict], sizes: list[int], mode: str) -> dict[str, di
     return out
 
 
-def linear_fit(results: dict[str, dict], sizes: list[int], mode: str) -> dict[str, dict[str, float]]:
+def linear_fit(results: dict[str, dict], sizes: list[int]) -> dict[str, dict[str, float]]:
     """``cpu = a + b * pairs`` per stage by least squares: ``a`` fixed start-up, ``b`` per pair."""
     fit = {}
     for stage in STAGES:
-        xs = [float(_work_pairs(results, n, stage, mode) or n) for n in sizes]
+        xs = [float(n if stage == "cluster" else _work_pairs(results, n, stage)) for n in sizes]
         ys = [results[str(n)][stage]["cpu_s"] for n in sizes]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         var = sum((x - mx) ** 2 for x in xs)
@@ -286,6 +318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--embed-precision", default="auto", help="embed.precision (auto: bf16 where native)")
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="shard-writer processes")
     ap.add_argument("--workdir", required=True, help="data, runs and per-stage logs go here")
+    ap.add_argument("--deadline", default="", help="HH:MM UTC: start no new size after it, record what is done")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for every stage (0: default)")
     return ap.parse_args(argv)
 
@@ -302,16 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     gen_s = time.perf_counter() - began
     print(f"generated {sizes[-1]} pairs in {gen_s:.0f} s", flush=True)
     results = run_sizes(args, work, data, sizes)
+    done = [int(n) for n in results]
+    if not done:
+        raise SystemExit("bench_scale: no size finished; nothing recorded")
     payload = {
         "mode": args.mode,
         "sizes": results,
-        "rates": rates(results, sizes, args.mode),
-        "linear_fit": linear_fit(results, sizes, args.mode),
+        "not_run": [n for n in sizes if n not in done],
+        "rates": rates(results, done),
+        "linear_fit": linear_fit(results, done) if len(done) > 1 else {},
         "generate_s": gen_s,
         "config": vars(args),
     }
     if args.mode == "fresh":
-        payload["growth"] = growth(results, sizes)
+        payload["growth"] = growth(results, done)
         print(f"growth exponents (cpu): {payload['growth']}")
     cmd = (f"python -m benchmarks.bench_scale --sizes {args.sizes} --mode {args.mode} --k {args.k} "
            f"--iters {args.iters} --cluster-sample {args.cluster_sample}")
