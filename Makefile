@@ -103,8 +103,8 @@ shard: $(STAMP)  ## convert IN=<csv|folder> into webdataset tars in OUT=<dir> (M
 	$(CLI) shard --config $(CONFIG) --input $(IN) --out $(OUT) --max-size-mb $(or $(MAX_MB),1000) --max-count $(or $(MAX_COUNT),10000) $(FORCE_ARG)
 
 bench: $(STAMP)  ## benchmarks (speed figures; not tests)
-	$(PY) benchmarks/run_all.py --config $(CONFIG)
-	$(PY) benchmarks/make_docs.py
+	$(PY) -m benchmarks.run_all --config $(CONFIG)
+	$(PY) -m benchmarks.make_docs
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
@@ -113,10 +113,10 @@ clean-demo:  ## remove the demo data and run
 	rm -rf data/demo runs/demo runs/demo_ablation
 
 .PHONY: bench-gpu bench-docs
-bench-gpu: $(STAMP)  ## GPU checks: tests marked gpu, then benchmarks/gpu_check.py (QUICK=1: smaller), docs
+bench-gpu: $(STAMP)  ## GPU checks: tests marked gpu, then benchmarks.gpu_check (QUICK=1: smaller), docs
 	$(PY) -m pytest -q -m gpu tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
-	$(PY) benchmarks/gpu_check.py $(if $(QUICK),--quick)
-	$(PY) benchmarks/make_docs.py
+	$(PY) -m benchmarks.gpu_check $(if $(QUICK),--quick)
+	$(PY) -m benchmarks.make_docs
 
 bench-docs: $(STAMP)  ## regenerate docs/benchmarks.md from benchmarks/results.jsonl
-	$(PY) benchmarks/make_docs.py
+	$(PY) -m benchmarks.make_docs

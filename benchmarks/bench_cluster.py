@@ -1,6 +1,6 @@
 """Fine clustering and assignment speed/quality of ``stages.clustering`` against faiss on CPU.
 
-Run: ``python benchmarks/bench_cluster.py [--n 50000 --dim 384 --k 256 --iters 20 --repeats 5]``
+Run: ``python -m benchmarks.bench_cluster [--n 50000 --dim 384 --k 256 --iters 20 --repeats 5]``
 (the issue's full size: ``--n 200000 --k 1024``; about 20 min on a quiet 2-core CPU).
 
 Every comparison is paired (``benchmarks/paired.py``): one warm-up of each side, then
@@ -29,27 +29,22 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import faiss  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from paired import fmt, paired, record, set_threads  # noqa: E402
-
-from pipeline import artifacts  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.runner import run_stage  # noqa: E402
-from stages.clustering import (  # noqa: E402
+from benchmarks.paired import fmt, paired, record, set_threads
+from pipeline import artifacts
+from pipeline.config import load_config
+from pipeline.runner import run_stage
+from stages.clustering import (
     assign_capacity,
     assign_nearest,
     auto_backend,
@@ -262,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         result["stage"] = st = bench_assign_stage(x, args.k, args.shards, args.repeats)
         print(f"assign stage vs bare load+search+write: {fmt(st['stage_vs_bare_io'])}")
         print(f"assign stage vs bare search only:      {fmt(st['stage_vs_bare_search_only'])}")
-    cmd = "python benchmarks/bench_cluster.py " + " ".join(
+    cmd = "python -m benchmarks.bench_cluster " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if k not in ("unbalanced",)) + (
         " --unbalanced" if args.unbalanced else "")
     record("cluster", result, cmd)

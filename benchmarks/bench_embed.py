@@ -7,7 +7,7 @@ The model is loaded once; then, per precision, ``benchmarks/paired.py`` runs one
 each side and ``--repeats`` (>= 5) paired rounds alternating which side runs first, on the same
 threads; the figure is the median per-round ratio stage ÷ bare with its min–max (never a best-of).
 
-    python benchmarks/bench_embed.py [--captions 8192] [--precisions fp32,bf16] [--repeats 5]
+    python -m benchmarks.bench_embed [--captions 8192] [--precisions fp32,bf16] [--repeats 5]
 
 Prints a table, then one JSON line.
 """
@@ -23,19 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
-from paired import fmt, paired, record, set_threads  # noqa: E402
-
-from pipeline import artifacts, runtime  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.runner import run_stage  # noqa: E402
-from stages import text_encoder  # noqa: E402
+from benchmarks.paired import fmt, paired, record, set_threads
+from pipeline import artifacts, runtime
+from pipeline.config import load_config
+from pipeline.runner import run_stage
+from stages import text_encoder
 
 _WORDS = (
     "a the an of on in with near under over photo picture image dog cat bird horse car bus boat "
@@ -183,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "embed",
         {"device": str(device), "threads": threads, "cpu_native_bf16": native, "captions": len(captions),
          "batch_size": args.batch_size, "results": rows},
-        f"python benchmarks/bench_embed.py --captions {args.captions} --precisions {args.precisions} "
+        f"python -m benchmarks.bench_embed --captions {args.captions} --precisions {args.precisions} "
         f"--repeats {args.repeats} --device {args.device}",
     )
     return 0

@@ -1,6 +1,6 @@
 """Whole training-step time of every loss variant against the CLIP loss, on one process (CPU, fp32).
 
-    python benchmarks/bench_loss_step.py [--model mode-tiny-rn] [--batch 64] [--image-size N]
+    python -m benchmarks.bench_loss_step [--model mode-tiny-rn] [--batch 64] [--image-size N]
                                          [--steps 30] [--warmup 5] [--threads 1] [--data-size 20000]
 
 One step is what ``training.loop.Trainer.train_step`` does, minus AMP and gradient clipping: set the
@@ -28,21 +28,16 @@ import copy
 import gc
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import open_clip
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import open_clip  # noqa: E402
-
-from pipeline.config import TrainConfig  # noqa: E402
-from training.loop import Teacher  # noqa: E402
-from training.losses import LossConfig, build_loss  # noqa: E402
-from training.models import quiet_open_clip, register_model_configs  # noqa: E402
-from training.optim import ScaleRule, build_optimizer, set_learning_rates  # noqa: E402
+from pipeline.config import TrainConfig
+from training.loop import Teacher
+from training.losses import LossConfig, build_loss
+from training.models import quiet_open_clip, register_model_configs
+from training.optim import ScaleRule, build_optimizer, set_learning_rates
 
 _GLOFND = dict(glofnd="glofnd", glofnd_start_update=0, glofnd_start_lda=0)
 

@@ -1,6 +1,6 @@
 """Forward + backward time of every loss variant against the CLIP loss, on one process.
 
-    python benchmarks/bench_losses.py [--batch 256] [--dim 512] [--data-size 100000] [--repeats 20]
+    python -m benchmarks.bench_losses [--batch 256] [--dim 512] [--data-size 100000] [--repeats 20]
 
 Prints a table and, last, one JSON line with the medians (ms) and the overhead relative to CLIP.
 The features are leaf tensors, so only the loss itself is timed (no encoder).
@@ -11,16 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.losses import LossConfig, build_loss  # noqa: E402
+from training.losses import LossConfig, build_loss
 
 VARIANTS: dict[str, dict] = {
     "clip": dict(name="clip"),
@@ -32,6 +28,10 @@ VARIANTS: dict[str, dict] = {
     "v3+glofnd": dict(name="fastclip", version="v3", glofnd="glofnd"),
     "v3+distill": dict(name="fastclip", version="v3", distill_weight=0.5),
 }
+
+
+INT_OPTIONS = {"--batch": 256, "--dim": 512, "--data-size": 100_000, "--warmup": 3, "--repeats": 30}
+"""Integer options and their defaults."""
 
 
 class Runner:
@@ -63,11 +63,8 @@ class Runner:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--data-size", type=int, default=100_000)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=30)
+    for flag, default in INT_OPTIONS.items():
+        parser.add_argument(flag, type=int, default=default)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is steadier on a shared CPU)"
     )

@@ -1,9 +1,9 @@
 """prep throughput (pairs/s, one worker) against a bare `tarfile` read of the same shards.
 
-    python benchmarks/bench_prep.py [--sets synthetic,demo --repeats 5]
-    python benchmarks/bench_prep.py --sets synthetic --shards 10 --pairs 1000
-    python benchmarks/bench_prep.py --sets demo --demo-pairs 20000          # generated like `make demo`
-    python benchmarks/bench_prep.py --tars 'data/demo/train/*/*.tar'       # existing shards
+    python -m benchmarks.bench_prep [--sets synthetic,demo --repeats 5]
+    python -m benchmarks.bench_prep --sets synthetic --shards 10 --pairs 1000
+    python -m benchmarks.bench_prep --sets demo --demo-pairs 20000          # generated like `make demo`
+    python -m benchmarks.bench_prep --tars 'data/demo/train/*/*.tar'       # existing shards
 
 Two shard sets by default: the demo's (``pipeline.demo``: 20 shards x 1000 pairs, 32-px JPEGs, the
 demo config's prep settings) and a synthetic set (64-px noise JPEGs, ``texts`` lists). Both sides
@@ -22,21 +22,17 @@ import argparse
 import glob
 import json
 import shutil
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from paired import fmt, paired, record, set_threads  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pipeline import wds  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.runner import run_stage  # noqa: E402
+from benchmarks.paired import fmt, paired, record, set_threads
+from pipeline import wds
+from pipeline.config import load_config
+from pipeline.runner import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +114,7 @@ def bench_set(name: str, args: argparse.Namespace) -> None:
     print(f"prep / bare: {fmt(summary)}")
     opts = {"synthetic": f"--shards {args.shards} --pairs {args.pairs}", "demo": f"--demo-pairs {args.demo_pairs}",
             "tars": f"--tars '{args.tars}'"}[name]
-    cmd = (f"python benchmarks/bench_prep.py --sets {name} --peer {args.peer} --repeats {args.repeats} "
+    cmd = (f"python -m benchmarks.bench_prep --sets {name} --peer {args.peer} --repeats {args.repeats} "
            f"--threads {args.threads} {opts}")
     key = "prep_vs_bare_tar" if args.peer == "tarfile" else "prep_vs_bare_wds_read"
     record("prep", {"data": kind, "pairs": n_pairs, key: summary}, cmd)

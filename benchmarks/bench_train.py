@@ -1,6 +1,6 @@
 """Training throughput (samples/s) of our trainer against ``python -m open_clip_train.main``.
 
-    python benchmarks/bench_train.py [--steps 60 --batch-size 64 --workers 2 --precision amp_bf16
+    python -m benchmarks.bench_train [--steps 60 --batch-size 64 --workers 2 --precision amp_bf16
                                       --model mode-tiny-vit --repeats 5 --threads 1,2]
 
 Both run as separate processes on the same synthetic tars (64 px coloured shapes, ``.txt`` caption,
@@ -31,16 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.paired import record
+from pipeline.config import dump_yaml
+from training.models import MODEL_CONFIG_DIR
+from training.synthetic import make_synthetic_run
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from paired import record  # noqa: E402
-
-from pipeline.config import dump_yaml  # noqa: E402
-from training.models import MODEL_CONFIG_DIR  # noqa: E402
-from training.synthetic import make_synthetic_run  # noqa: E402
 
 _BATCH_T = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/.*?Batch \(t\): ([0-9.]+)")
 
@@ -243,7 +239,7 @@ def main() -> int:
                   f"{row[figure]['speed_ratio_median']:.2f} ({min(ratios):.2f}-{max(ratios):.2f}, n={len(ratios)})")
         summary["threads"][str(threads)] = row
     argv = " ".join(sys.argv[1:])
-    record("train", summary, f"python benchmarks/bench_train.py {argv}".strip())
+    record("train", summary, f"python -m benchmarks.bench_train {argv}".strip())
     return 0
 
 

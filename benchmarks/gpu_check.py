@@ -1,10 +1,10 @@
 """GPU figures that the CPU machine cannot measure, in one script (``make bench-gpu``).
 
-    python benchmarks/gpu_check.py [--quick]
+    python -m benchmarks.gpu_check [--quick]
 
 Never run yet (no GPU was available when it was written). Each part is independent, prints its
 figures and appends one ``gpu`` line to ``benchmarks/results.jsonl`` (a part that fails records
-its error instead of stopping the others); ``python benchmarks/make_docs.py`` then puts them in
+its error instead of stopping the others); ``python -m benchmarks.make_docs`` then puts them in
 docs/benchmarks.md. Parts:
 
 1. ``fit``: balanced fine fit 1M×768 → 1024 (``--quick``: 200k) on the GPU, paired against our
@@ -35,17 +35,15 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+import torch
 
-import torch  # noqa: E402
-from paired import fmt, paired, record  # noqa: E402
+from benchmarks.paired import fmt, paired, record
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def part_fit(args: argparse.Namespace) -> dict:
-    from bench_cluster import make_data
-
+    from benchmarks.bench_cluster import make_data
     from stages import clustering as kmeans
 
     n = 200_000 if args.quick else 1_000_000
@@ -82,8 +80,7 @@ def part_fit(args: argparse.Namespace) -> dict:
 
 
 def part_assign(args: argparse.Namespace) -> dict:
-    from bench_cluster import make_data
-
+    from benchmarks.bench_cluster import make_data
     from stages import clustering as kmeans
 
     x = make_data(200_000 if args.quick else 1_000_000, 768, 4000, 1)
@@ -111,7 +108,7 @@ def _sub(cmd: list[str], timeout: int) -> str:
 
 
 def part_embed(args: argparse.Namespace) -> dict:
-    out = _sub([sys.executable, "benchmarks/bench_embed.py", "--device", "cuda", "--captions",
+    out = _sub([sys.executable, "-m", "benchmarks.bench_embed", "--device", "cuda", "--captions",
                 "16384" if args.quick else "65536", "--batch-size", "1024", "--repeats", str(args.repeats)], 1800)
     return {"stdout_tail": out[-1500:]}
 
@@ -130,7 +127,7 @@ def forward_flops(model_name: str, batch: int) -> float:
 
 def part_train(args: argparse.Namespace) -> dict:
     steps = 60 if args.quick else 200
-    out = _sub([sys.executable, "benchmarks/bench_train.py", "--device", "cuda", "--model", "ViT-B-32",
+    out = _sub([sys.executable, "-m", "benchmarks.bench_train", "--device", "cuda", "--model", "ViT-B-32",
                 "--precision", "amp_bf16", "--batch-size", "256", "--workers", "8", "--steps", str(steps),
                 "--threads", "8", "--repeats", str(args.repeats), "--pairs", "4096"], 3600)
     last = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
@@ -195,7 +192,7 @@ def main() -> int:
             failed += 1
             payload = {"part": name, "error": traceback.format_exc()[-3000:]}
         payload["part_wall_s"] = time.perf_counter() - began
-        record("gpu", payload, f"python benchmarks/gpu_check.py --parts {name}" + (" --quick" if args.quick else ""))
+        record("gpu", payload, f"python -m benchmarks.gpu_check --parts {name}" + (" --quick" if args.quick else ""))
     return 1 if failed else 0
 
 

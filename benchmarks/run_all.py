@@ -1,12 +1,12 @@
 """Run every benchmark in this folder with its default (CPU-sized) settings.
 
     make bench                      # all
-    python benchmarks/run_all.py --only prep,cluster
+    python -m benchmarks.run_all --only prep,cluster
 
 Each benchmark prints a table and a final JSON line; the paired ones append it to
 ``benchmarks/results.jsonl`` themselves (``benchmarks/paired.record``), the others' lines are
-collected here (appended, with a timestamp and the host's CPU count). ``python
-benchmarks/make_docs.py`` then regenerates ``docs/benchmarks.md``.
+collected here (appended, with a timestamp and the host's CPU count). ``python -m
+benchmarks.make_docs`` then regenerates ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def main() -> int:
         if wanted and name not in wanted:
             continue
         print(f"== {name}", flush=True)
-        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{script.stem}"], cwd=HERE.parent, capture_output=True, text=True
+        )
         print(proc.stdout, end="")
         if proc.returncode != 0:
             failed += 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -14,6 +14,19 @@ from training.losses.distill import combine_with_distillation, feature_distillat
 
 LOGIT_SCALE_MAX = math.log(100.0)
 """Clamp of the model's log logit scale: tau in [0.01, 1]."""
+
+
+class LossInputs(NamedTuple):
+    """What :meth:`ContrastiveLoss.contrastive_terms` receives (checked by ``forward``)."""
+
+    image: torch.Tensor
+    """[b, d] L2-normalised image embeddings of this rank (with grad)."""
+    text: torch.Tensor
+    """[b, d] L2-normalised text embeddings of this rank."""
+    logit_scale: torch.Tensor
+    """Scalar ``exp(logit_scale)`` = 1 / tau."""
+    pair_ids: torch.Tensor
+    """[b] int64 global pair ids."""
 
 
 class ContrastiveLoss(nn.Module):
@@ -67,7 +80,7 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(
                 f"pair_ids: expected shape ({image_features.shape[0]},), got {tuple(pair_ids.shape)}"
             )
-        terms = self.contrastive_terms(image_features, text_features, logit_scale.reshape(()), pair_ids)
+        terms = self.contrastive_terms(LossInputs(image_features, text_features, logit_scale.reshape(()), pair_ids))
         weight = self.cfg.distill_weight
         if weight == 0.0:
             return terms
@@ -77,14 +90,8 @@ class ContrastiveLoss(nn.Module):
             terms, feature_distillation_loss(image_features, text_features, teacher), weight
         )
 
-    def contrastive_terms(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        pair_ids: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """The loss without distillation; see :meth:`forward` for the arguments."""
+    def contrastive_terms(self, x: LossInputs) -> dict[str, torch.Tensor]:
+        """The loss without distillation, on the inputs :meth:`forward` checked."""
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.losses.base import ContrastiveLoss
+from training.losses.base import ContrastiveLoss, LossInputs
 from training.losses.dist_utils import all_gather_no_grad, all_gather_with_grad
 
 
@@ -18,17 +18,12 @@ class ClipLoss(ContrastiveLoss):
     A ``global_constant`` temperature scheme detaches the logit scale.
     """
 
-    def contrastive_terms(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        pair_ids: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def contrastive_terms(self, x: LossInputs) -> dict[str, torch.Tensor]:
         """Symmetric cross-entropy over the (gathered) batch; see ``ContrastiveLoss.forward``."""
+        logit_scale = x.logit_scale
         if self.cfg.temperature_scheme == "global_constant":
             logit_scale = logit_scale.detach()
-        logits_image, logits_text = self._logits(image_features, text_features, logit_scale)
+        logits_image, logits_text = self._logits(x.image, x.text, logit_scale)
         labels = torch.arange(logits_image.shape[0], device=logits_image.device)
         if self.world_size > 1 and self.cfg.local_loss:
             labels = labels + logits_image.shape[0] * self.rank

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.sections import LossConfig
-from training.losses.base import ContrastiveLoss
+from training.losses.base import ContrastiveLoss, LossInputs
 from training.losses.dist_utils import all_gather_columns, all_gather_no_grad
 from training.losses.estimators import masked_mean_exp, moving_average, u_statistics
 from training.losses.glofnd import LAMBDA_INIT, GloFNDThreshold
@@ -65,11 +65,12 @@ def compute_dtype(features: torch.Tensor) -> torch.Tensor:
 class GCLBase(ContrastiveLoss):
     """Tables, gamma schedule and FastCLIP communication shared by the GCL variants.
 
+    Subclasses name their per-sample tables (and check the config) in :meth:`table_inits`.
+
     Args:
         cfg: Loss configuration (``data_size`` > 0).
         rank: This process's rank.
         world_size: Number of data-parallel processes.
-        tables: Table name -> initial value.
         table_device: Where the tables live.
         table_dtype: Storage dtype of the tables.
     """
@@ -78,15 +79,26 @@ class GCLBase(ContrastiveLoss):
         self,
         *,
         cfg: LossConfig,
-        rank: int,
-        world_size: int,
-        tables: dict[str, float],
-        table_device: torch.device | str,
-        table_dtype: torch.dtype,
+        rank: int = 0,
+        world_size: int = 1,
+        table_device: torch.device | str = "cpu",
+        table_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(cfg=cfg, rank=rank, world_size=world_size)
+        tables = self.table_inits(cfg)
         self.tables = SampleTables(tables, cfg.data_size, dtype=table_dtype, device=table_device)
         self.gamma = 1.0
+
+    def table_inits(self, cfg: LossConfig) -> dict[str, float]:
+        """Table name -> initial value; raises ``ValueError`` for a config the variant cannot run."""
+        raise NotImplementedError
+
+    def local_scores(self, x: LossInputs) -> tuple[GlobalBatch, dict[str, torch.Tensor], torch.Tensor]:
+        """The gathered batch, the local anchors' similarity blocks per side and their positives."""
+        image, text = compute_dtype(x.image), compute_dtype(x.text)
+        batch = self.gather_batch(image, text, x.pair_ids)
+        sim = {"im": image @ batch.text.T, "tt": text @ batch.image.T}
+        return batch, sim, (image * text).sum(dim=1)
 
     def set_epoch(self, epoch: int) -> None:
         """Record the epoch and move gamma along its schedule (1 in epoch 0)."""
@@ -137,23 +149,11 @@ class GCLBase(ContrastiveLoss):
 class GlobalContrastiveLoss(GCLBase):
     """GCL with a global temperature: FastCLIP v0 / v1 / v3 and SogCLR, optionally with GloFND.
 
-    Args:
-        cfg: Loss configuration with a global ``temperature_scheme`` and ``data_size`` > 0.
-        rank: This process's rank.
-        world_size: Number of data-parallel processes.
-        table_device: Where the tables live.
-        table_dtype: Storage dtype of the tables.
+    Arguments as :class:`GCLBase`; ``cfg`` has a global ``temperature_scheme`` and ``data_size`` > 0.
     """
 
-    def __init__(
-        self,
-        *,
-        cfg: LossConfig,
-        rank: int = 0,
-        world_size: int = 1,
-        table_device: torch.device | str = "cpu",
-        table_dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def table_inits(self, cfg: LossConfig) -> dict[str, float]:
+        """u per side; GloFND adds lambda and its Adam moments per side."""
         if cfg.temperature_scheme == "individual_learnable":
             raise ValueError("temperature_scheme: 'individual_learnable' needs IndividualTemperatureGCL")
         tables = {f"u_{side}": 0.0 for side in SIDES}
@@ -168,30 +168,15 @@ class GlobalContrastiveLoss(GCLBase):
             )
             for side in SIDES:
                 tables.update({f"lda_{side}": LAMBDA_INIT, f"lda_m_{side}": 0.0, f"lda_v_{side}": 0.0})
-        super().__init__(
-            cfg=cfg,
-            rank=rank,
-            world_size=world_size,
-            tables=tables,
-            table_device=table_device,
-            table_dtype=table_dtype,
-        )
+        return tables
 
-    def contrastive_terms(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        pair_ids: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def contrastive_terms(self, x: LossInputs) -> dict[str, torch.Tensor]:
         """The FastCLIP surrogate for the local batch; see ``ContrastiveLoss.forward``."""
-        image, text = compute_dtype(image_features), compute_dtype(text_features)
-        batch = self.gather_batch(image, text, pair_ids)
-        scale = logit_scale.to(image.dtype)
+        batch, sim, diag = self.local_scores(x)
+        pair_ids = x.pair_ids
+        scale = x.logit_scale.to(diag.dtype)
         if self.cfg.temperature_scheme == "global_constant":
             scale = scale.detach()
-        sim = {"im": image @ batch.text.T, "tt": text @ batch.image.T}
-        diag = (image * text).sum(dim=1)
         keep, columns, store = self._thresholds(sim, batch, pair_ids)
         g = {
             side: masked_mean_exp(scale * (sim[side] - diag[:, None]), keep[side], columns[f"n_{side}"])

@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 
 from pipeline.sections import LossConfig
+from training.losses.base import LossInputs
 from training.losses.estimators import masked_mean_exp, moving_average, per_sample_adam, u_statistics
-from training.losses.gcl import SIDES, GCLBase, GlobalBatch, compute_dtype
+from training.losses.gcl import SIDES, GCLBase, GlobalBatch
 from training.losses.schedules import STEP_THRESH_RATIO, STEP_THRESH_TAU
 
 TAU_BOUNDS = (0.01, 1.0)
@@ -37,51 +38,23 @@ _STATE = ("u", "tau", "bound", "tau_m", "tau_v")
 class IndividualTemperatureGCL(GCLBase):
     """FastCLIP-v2: GCL with a learned temperature per sample and anchor side.
 
-    Args:
-        cfg: Loss configuration with ``temperature_scheme="individual_learnable"``, ``lr_tau`` > 0.
-        rank: This process's rank.
-        world_size: Number of data-parallel processes.
-        table_device: Where the tables live.
-        table_dtype: Storage dtype of the tables.
+    Arguments as :class:`GCLBase`; ``cfg`` has ``temperature_scheme="individual_learnable"``, ``lr_tau`` > 0.
     """
 
-    def __init__(
-        self,
-        *,
-        cfg: LossConfig,
-        rank: int = 0,
-        world_size: int = 1,
-        table_device: torch.device | str = "cpu",
-        table_dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def table_inits(self, cfg: LossConfig) -> dict[str, float]:
+        """u, tau, bound and tau's Adam moments per side."""
         if cfg.temperature_scheme != "individual_learnable":
             raise ValueError(
                 f"temperature_scheme: IndividualTemperatureGCL needs 'individual_learnable', "
                 f"got {cfg.temperature_scheme!r}"
             )
         inits = {"u": 0.0, "tau": cfg.temperature, "bound": 0.0, "tau_m": 0.0, "tau_v": 0.0}
-        tables = {f"{name}_{side}": inits[name] for name in _STATE for side in SIDES}
-        super().__init__(
-            cfg=cfg,
-            rank=rank,
-            world_size=world_size,
-            tables=tables,
-            table_device=table_device,
-            table_dtype=table_dtype,
-        )
+        return {f"{name}_{side}": inits[name] for name in _STATE for side in SIDES}
 
-    def contrastive_terms(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        pair_ids: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def contrastive_terms(self, x: LossInputs) -> dict[str, torch.Tensor]:
         """The FastCLIP-v2 surrogate; updates u, tau, bounds and moments. ``logit_scale`` is unused."""
-        image, text = compute_dtype(image_features), compute_dtype(text_features)
-        batch = self.gather_batch(image, text, pair_ids)
-        sim = {"im": image @ batch.text.T, "tt": text @ batch.image.T}
-        diag = (image * text).sum(dim=1)
+        batch, sim, diag = self.local_scores(x)
+        pair_ids = x.pair_ids
         columns, local = {}, {}
         for side in SIDES:
             values = self.tables.read([f"{n}_{side}" for n in _STATE], pair_ids, like=diag)
