@@ -37,7 +37,7 @@ from pipeline import artifacts, wds
 from pipeline.config import PipelineConfig
 from pipeline.runner import Shard
 from pipeline.runtime import Runtime
-from stages.sources import InputShard, expand_sources
+from stages.sources import InputShard, clean_caption, expand_sources
 
 SCHEMA = pa.schema(
     [
@@ -251,14 +251,8 @@ def _csv_row(cfg, row: dict, base: Path, skipped: Counter) -> str | None:
     if caption is None:
         skipped["missing_caption"] += 1
         return None
-    try:
-        caption.encode("utf-8")
-    except UnicodeEncodeError:
-        skipped["caption_not_utf8"] += 1
-        return None
-    caption = caption.strip()
-    if not caption:
-        skipped["empty_caption"] += 1
+    caption = clean_caption(caption, skipped)
+    if caption is None:
         return None
     image = Path(path) if Path(path).is_absolute() else base / path
     try:

@@ -18,7 +18,7 @@ re-encoded to JPEG at quality 95), ``txt`` (the caption) and ``json``
 (``{"caption", "source"}``, source = the image path as the input named it). A shard is closed when
 it reaches ``max_count`` pairs or ``max_size_mb``; each is written as ``.tar.tmp`` and renamed when
 complete. ``<out>/shards.json`` is written last: counts, skipped rows by reason (``bad_csv_row``,
-``missing_caption``, ``empty_caption``, ``missing_image``, ``bad_image``) and the ``data.train``
+``missing_caption``, ``caption_not_utf8``, ``empty_caption``, ``missing_image``, ``bad_image``) and the ``data.train``
 pattern of the result.
 """
 
@@ -37,6 +37,7 @@ from PIL import Image
 from pipeline import wds
 from pipeline.artifacts import write_json
 from pipeline.errors import ConfigError
+from stages.sources import clean_caption
 
 IMAGE_SUFFIXES = tuple(f".{e}" for e in (*wds.IMAGE_EXTS, "bmp", "gif", "tif", "tiff"))
 _MTIME = 1704067200  # fixed tar header time: the same input gives the same bytes
@@ -178,14 +179,8 @@ def _clear_out(out: Path, force: bool) -> None:
 
 def _pair(image: Path, caption: str, skipped: Counter) -> tuple[bytes, str] | None:
     """(JPEG bytes, stripped caption) of one input pair, or None (counted in ``skipped``)."""
-    try:
-        caption.encode("utf-8")
-    except UnicodeEncodeError:
-        skipped["missing_caption"] += 1
-        return None
-    caption = caption.strip()
-    if not caption:
-        skipped["empty_caption"] += 1
+    caption = clean_caption(caption, skipped)
+    if caption is None:
         return None
     try:
         data = image.read_bytes()

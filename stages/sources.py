@@ -23,6 +23,7 @@ before anything is written).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +126,18 @@ def expand_sources(train: str, layout: str = "auto") -> tuple[list[InputShard], 
     if not shards:
         raise FileNotFoundError(f"data.train: no input shards found for '{train}'")
     return shards, missing
+
+
+def clean_caption(caption: str, skipped: Counter) -> str | None:
+    """``caption`` stripped, or None when it cannot be stored (counted in ``skipped`` as
+    ``caption_not_utf8`` or ``empty_caption``): the one caption check of prep and shard."""
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        skipped["caption_not_utf8"] += 1
+        return None
+    caption = caption.strip()
+    if not caption:
+        skipped["empty_caption"] += 1
+        return None
+    return caption
