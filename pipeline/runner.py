@@ -203,7 +203,7 @@ def _run_shard(
     """Process one shard and write its completion record (after its outputs)."""
     module = load_stage(name)
     start = time.perf_counter()
-    counts = module.process_shard(cfg, shard, sdir, rt)
+    counts = module.process_shard(cfg, shard, sdir, rt)  # may name its own "fingerprint" (inputs it used)
     record = {
         "shard": shard.name,
         "fingerprint": shard.fingerprint,
@@ -433,7 +433,7 @@ def write_manifest(cfg: PipelineConfig, name: str, plan: StagePlan) -> dict[str,
         "stage": name,
         "config_hash": plan.config_hash,
         "config": to_jsonable(module.hash_inputs(cfg)),
-        "inputs": {s.name: s.fingerprint for s in plan.shards},
+        "inputs": {s.name: r.get("fingerprint", s.fingerprint) for s, r in zip(plan.shards, records, strict=True)},
         "locations": _locations(plan),
         "lineage": block,
         "lineage_digest": lineage.digest(block),

@@ -141,7 +141,15 @@ def process_shard(cfg: PipelineConfig, shard: Shard, stage_dir: Path, runtime: R
     stats = _fit_stats(fine, fine_to_coarse, c.num_experts, len(ids))
     artifacts.write_json(stage_dir / "fit_stats.json", stats)
     _plot_sizes(stage_dir / "cluster_sizes.png", fine.sizes, stats["expert_sample_sizes"])
-    return {"in": len(ids), "out": c.num_fine, "skipped": {}, "fitted_shards": [f.stem for f in files]}
+    # The record names (and fingerprints) the files this fit used: all current ones, which after
+    # growth + ``--force`` are more than the listing fingerprinted; the next listing then matches.
+    digests = artifacts.DigestCache(stage_dir)
+    fingerprint = digests.fingerprint(*files)
+    digests.save()
+    return {
+        "in": len(ids), "out": c.num_fine, "skipped": {}, "fitted_shards": [f.stem for f in files],
+        "fingerprint": fingerprint,
+    }
 
 
 def _save(stage_dir: Path, fine, coarse_centers, fine_to_coarse, ids: np.ndarray) -> None:

@@ -353,8 +353,9 @@ def test_make_train_with_nproc_launches_the_torchrun_command(tmp_path, monkeypat
     if shutil.which("make") is None:
         pytest.skip("no make")
     dry = subprocess.run(
-        ["make", "-n", "train", "NPROC=4", "EXPERT=3", "FORCE=1", "SET=run.seed=5", "STAMP="],
+        ["make", "-n", "--no-print-directory", "train", "NPROC=4", "EXPERT=3", "FORCE=1", "SET=run.seed=5", "STAMP="],
         cwd=REPO, capture_output=True, text=True, check=True,
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},  # under `make test`
     ).stdout.strip().splitlines()[-1]
     argv = shlex.split(dry)
     assert argv[1:4] == ["-m", "pipeline", "train"]

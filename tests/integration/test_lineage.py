@@ -175,3 +175,21 @@ def test_a_shard_listed_in_the_middle_gets_ids_after_the_existing_ones(tmp_path)
     assert [(r["shard"], r["offset"]) for r in index] == [("s0_0", 0), ("s0_1", 3), ("s0_3", 6), ("s0_2", 9)]
     ids = pq.read_table(prep / "captions" / "s0_2.parquet").column("pair_id").to_pylist()
     assert ids == [9, 10, 11]
+
+
+def test_cluster_force_after_growth_refits_on_everything_and_stays_current(run, capsys):
+    """docs/growth.md: ``cluster --force`` re-fits on every feature file; the clustering is then
+    current (not stale against its own record) and assign redoes every shard on the new centres."""
+    root, data = run
+    grown = _argv(root, data, "{0..3}")
+    for stage in ("prep", "embed"):
+        assert cli.main([stage, *grown]) == 0
+    assert cli.main(["cluster", *grown, "--force"]) == 0
+    record = json.loads((root / "demo" / "cluster" / "_done" / "all.json").read_text())
+    assert record["fitted_shards"] == ["s0_0", "s0_1", "s0_2", "s0_3"]
+    capsys.readouterr()
+    assert cli.main(["cluster", *grown]) == 0
+    assert "cluster: nothing to do" in capsys.readouterr().out
+    assert cli.main(["assign", *grown, "--force"]) == 0
+    status = _status(capsys, root, data, train="{0..3}")
+    assert status["cluster"]["state"] == "done" and status["assign"]["state"] == "done", status
